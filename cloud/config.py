@@ -1,0 +1,34 @@
+"""Cloud settings, from the environment (``EDGEFLEET_*``) or the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["CloudSettings"]
+
+
+class CloudSettings(BaseSettings):
+    """Everything the cloud service needs to know to start."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("var/cloud"), description="keys, TUF repository, database")
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=1883, ge=1, le=65535)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Shared-subscription group of the ingest workers (MQTT 5 ``$share/<group>/...``).
+    ingest_group: str = "edgefleet-ingest"
+    #: How often the service re-signs TUF metadata that is close to expiry (seconds).
+    refresh_interval: float = Field(default=3600.0, gt=0)
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.data_dir / "repository"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
