@@ -117,7 +117,10 @@ class Agent:
         self._last_error: ErrorInfo | None = None
         self._event_seq = 0
         self._telemetry_seq = 0
-        self._rejected: dict[str, str] = {}
+        # "<model>/<release>" -> issued_at of the desired state it failed under.
+        # A re-issued desired state (operator deploys again) retries; the same
+        # retained message redelivered on reconnect or reboot does not.
+        self._rejected: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
         backend, self.runtime_name = interpreter_backend()
         self.hardware = HardwareInfo(machine=platform.machine()[:64], system=platform.system()[:64],
@@ -183,7 +186,7 @@ class Agent:
             return
         try:
             raw = read_json(self._journal_path)
-            self._rejected = {str(k): str(v) for k, v in dict(raw.get("rejected", {})).items()}
+            self._rejected = {str(k): float(v) for k, v in dict(raw.get("rejected", {})).items()}
             self._event_seq = int(raw.get("event_seq", 0))
             self._telemetry_seq = int(raw.get("telemetry_seq", 0))
         except (StorageError, AttributeError, TypeError, ValueError) as e:
@@ -271,7 +274,7 @@ class Agent:
         if running is not None and (running.manifest.model, running.manifest.release) == (
                 desired.model, desired.release):
             return None
-        if f"{desired.model}/{desired.release}" in self._rejected:
+        if self._rejected.get(f"{desired.model}/{desired.release}") == desired.issued_at:
             return None
         return desired
 
@@ -356,7 +359,7 @@ class Agent:
         with self._lock:
             self._last_error = info
             if reject:
-                self._rejected[f"{desired.model}/{desired.release}"] = error.code
+                self._rejected[f"{desired.model}/{desired.release}"] = desired.issued_at
         self._step(desired, UpdateState.FAILED, EventKind.FAILED, reason=info)
 
     # -- reporting ---------------------------------------------------------

@@ -58,12 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from device.store import SlotStore
+    from device.store import SLOTS, SlotStore
 
     store = SlotStore(args.data_dir)
     state = store.state()
-    for slot in ("a", "b"):
-        c = store.read(slot)  # type: ignore[arg-type]
+    for slot in SLOTS:
+        c = store.read(slot)
         mark = "*" if slot == state.active else ("<" if slot == state.previous else " ")
         desc = f"{c.manifest.model} release {c.manifest.release}" if c else "empty"
         print(f"{mark} slot {slot}: {desc}")

@@ -59,4 +59,4 @@ class NpzReplaySource:
             self._i += 1
         if x.shape != shape:
             x = x.reshape(shape)
-        return x
+        return np.asarray(x, dtype=np.float32)

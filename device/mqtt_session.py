@@ -69,7 +69,7 @@ class MqttSession:
         self.connected = threading.Event()
         self._keepalive = keepalive
         self._client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
             client_id=device_id,
             protocol=mqtt.MQTTv5,
         )
@@ -94,7 +94,7 @@ class MqttSession:
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself after a link loss."""
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive,
                                    clean_start=True, properties=props)
@@ -167,7 +167,7 @@ class MqttSession:
             if not message.payload:
                 log.info("desired state cleared")
                 return
-            desired = decode(Desired, message.payload)
+            desired = decode(Desired, bytes(message.payload))
             if desired.device_id != self.device_id:
                 raise MessageError(f"desired state addressed to {desired.device_id!r}")
         except MessageError as e:

@@ -22,7 +22,7 @@ from device.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read
 from shared.errors import ManifestError, StorageError
 from shared.manifest import ReleaseManifest
 
-__all__ = ["Slot", "SlotContents", "SlotStore", "StoreState"]
+__all__ = ["SLOTS", "Slot", "SlotContents", "SlotStore", "StoreState"]
 
 log = logging.getLogger(__name__)
 

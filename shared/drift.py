@@ -42,9 +42,9 @@ def extract_features(batch: npt.NDArray[np.generic], mode: str) -> FloatArray:
     if x.ndim < 2:
         raise ValueError(f"expected a batch (N, ...), got shape {x.shape}")
     if mode == "flatten":
-        return x.reshape(len(x), -1)
+        return np.asarray(x.reshape(len(x), -1), dtype=np.float64)
     if mode == "channel_mean":
-        return x.reshape(len(x), -1, x.shape[-1]).mean(axis=1)
+        return np.asarray(x.reshape(len(x), -1, x.shape[-1]).mean(axis=1), dtype=np.float64)
     raise ValueError(f"unknown feature mode {mode!r}")
 
 
@@ -92,7 +92,7 @@ def _proportions(counts: npt.NDArray[np.generic], eps: float) -> FloatArray:
     # Smoothing keeps empty bins finite; applied to both sides so equal
     # distributions still score exactly zero.
     p = p + eps
-    return p / p.sum(axis=-1, keepdims=True)
+    return np.asarray(p / p.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
 def psi(reference: npt.NDArray[np.generic], observed: npt.NDArray[np.generic], eps: float = 1e-4) -> FloatArray:
@@ -107,7 +107,10 @@ def js_divergence(
     """Jensen-Shannon divergence per feature, base 2 (0 = same, 1 = disjoint)."""
     p, q = _proportions(reference, eps), _proportions(observed, eps)
     m = (p + q) / 2
-    kl = lambda a, b: np.sum(a * np.log2(a / b), axis=-1)  # noqa: E731
+
+    def kl(a: FloatArray, b: FloatArray) -> FloatArray:
+        return np.asarray(np.sum(a * np.log2(a / b), axis=-1), dtype=np.float64)
+
     return np.asarray((kl(p, m) + kl(q, m)) / 2, dtype=np.float64)
 
 

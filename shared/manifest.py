@@ -126,7 +126,7 @@ class DeltaBase(_Strict):
 class ReleaseManifest(_Strict):
     """Everything a device needs to know about a release, signed by TUF."""
 
-    schema_: Literal["edgefleet.manifest/1"] = Field(default=MANIFEST_SCHEMA, alias="schema")
+    schema_: Literal["edgefleet.manifest/1"] = Field(default="edgefleet.manifest/1", alias="schema")
     model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     release: Annotated[int, Field(ge=1)]
     created_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -162,7 +162,13 @@ class ReleaseManifest(_Strict):
         return target_path(self.model, self.release, MODEL_FILE)
 
     def to_custom(self) -> dict[str, Any]:
-        """The JSON value stored in the TUF target's ``custom`` field."""
+        """The JSON value stored in the TUF target's ``custom`` field.
+
+        TUF signs canonical JSON, which has no floats: the repository writes
+        floats as their exact ``repr`` strings when it signs, and ``from_custom``
+        reads them back as floats (the manifest models are deliberately not
+        ``strict`` so that numeric strings coerce).
+        """
         return {"edgefleet": self.model_dump(mode="json", by_alias=True, exclude_none=True)}
 
     @classmethod

@@ -290,7 +290,7 @@ def decode_device_message(topic: str, payload: bytes) -> Message:
     except ValueError as e:
         raise MessageError(str(e)) from e
     cls = _BY_CHANNEL[channel]
-    msg: Message = decode(cls, payload)  # type: ignore[type-var]
+    msg: Message = decode(cls, payload)  # type: ignore[type-var,assignment]
     if msg.device_id != device_id:
         raise MessageError(
             f"message on the topic of device {device_id!r} claims to be from "
