@@ -1,0 +1,16 @@
+"""HTTP routes of the cloud service, one module per area.
+
+Each module exposes ``router``; ``cloud.app`` mounts every router listed in
+``ROUTERS``. Routes stay thin: validate, call a service, map domain errors to
+HTTP status codes.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from cloud.api import devices, releases, system
+
+__all__ = ["ROUTERS"]
+
+ROUTERS: list[APIRouter] = [system.router, releases.router, devices.router]

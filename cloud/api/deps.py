@@ -1,0 +1,35 @@
+"""Dependencies shared by the routes: the service context of this process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from cloud.config import CloudSettings
+from cloud.fleet import FleetView
+from cloud.mqtt_bridge import CloudMqtt
+from cloud.releases import ReleaseService
+from cloud.tuf_repo import ReleaseRepository
+
+__all__ = ["CloudContext", "Ctx"]
+
+
+@dataclass
+class CloudContext:
+    """The services one cloud process runs; shared by the routes."""
+
+    settings: CloudSettings
+    repo: ReleaseRepository
+    releases: ReleaseService
+    fleet: FleetView
+    mqtt: CloudMqtt | None
+
+
+def _ctx(request: Request) -> CloudContext:
+    ctx: CloudContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[CloudContext, Depends(_ctx)]
