@@ -19,6 +19,7 @@ from cloud import __version__
 from cloud.api import ROUTERS
 from cloud.api.deps import CloudContext
 from cloud.config import CloudSettings
+from cloud.db import Database
 from cloud.fleet import FleetView
 from cloud.mqtt_bridge import CloudMqtt
 from cloud.releases import ReleaseService
@@ -44,6 +45,10 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
     """Build the app; opening the repository creates keys on first run."""
     repo = ReleaseRepository.open_or_init(settings.repo_dir, settings.keys_dir)
     fleet = FleetView()
+    db = Database(settings.db_url)
+    db.create_all()
+    if settings.unsafe_disable_auth:
+        log.warning("unsafe_disable_auth is set: the operator API accepts anyone")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,9 +70,10 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
             stop.set()
             if ctx.mqtt is not None:
                 ctx.mqtt.stop()
+            db.dispose()
 
     app = FastAPI(title="edgefleet cloud", version=__version__, lifespan=lifespan)
-    app.state.ctx = CloudContext(settings=settings, repo=repo, releases=ReleaseService(repo),
+    app.state.ctx = CloudContext(settings=settings, db=db, repo=repo, releases=ReleaseService(repo),
                                  fleet=fleet, mqtt=None)
     # Devices fetch TUF metadata and targets here (HTTP Range requests supported).
     app.mount("/tuf", StaticFiles(directory=settings.repo_dir, check_dir=True), name="tuf")

@@ -24,6 +24,15 @@ class CloudSettings(BaseSettings):
     ingest_group: str = "edgefleet-ingest"
     #: How often the service re-signs TUF metadata that is close to expiry (seconds).
     refresh_interval: float = Field(default=3600.0, gt=0)
+    #: SQLAlchemy URL; default: SQLite in the data dir. PostgreSQL:
+    #: ``postgresql+psycopg://user@host/db``.
+    database_url: str | None = None
+    #: Serve the operator API without tokens. Local experiments only: logs a warning.
+    unsafe_disable_auth: bool = False
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'edgefleet.db'}"
 
     @property
     def repo_dir(self) -> Path:

@@ -40,9 +40,14 @@ class DemoFleet:
     api: str
     device_ids: list[str]
     cloud_dir: Path
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def devices(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.api}/api/v1/devices", timeout=10)
+        r = httpx.get(f"{self.api}/api/v1/devices", timeout=10, headers=self.headers)
         r.raise_for_status()
         return list(r.json())
 
@@ -61,7 +66,7 @@ class DemoFleet:
         return dict(json.loads(out.stdout[start:]))
 
     def deploy(self, model: str, release: int) -> None:
-        r = httpx.post(f"{self.api}/api/v1/deployments", timeout=30,
+        r = httpx.post(f"{self.api}/api/v1/deployments", timeout=30, headers=self.headers,
                        json={"model": model, "release": release,
                              "devices": self.device_ids})
         if r.status_code != 200:
@@ -109,7 +114,13 @@ class _Demo:
             raise
 
     def _start(self) -> DemoFleet:
+        import subprocess
+
         cloud_dir = self.workdir / "cloud"
+        token = subprocess.run(  # noqa: S603 - our own CLI
+            python_cmd("cloud.cli", "token", "create", "--data-dir", str(cloud_dir),
+                       "--name", "demo-operator", "--role", "operator"),
+            capture_output=True, text=True, check=True, timeout=120).stdout.strip()
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         cloud = self.procs.start("cloud", python_cmd(
@@ -126,7 +137,7 @@ class _Demo:
             self.procs.start(device_id, python_cmd(
                 "firmware_sim.cli", "device", "--data-dir", str(data), "--seed", str(i)))
         fleet = DemoFleet(workdir=self.workdir, broker=self.broker, procs=self.procs, api=api,
-                          device_ids=ids, cloud_dir=cloud_dir)
+                          device_ids=ids, cloud_dir=cloud_dir, token=token)
         fleet.wait_for(lambda devs: sum(1 for d in devs if d["online"]) >= len(ids),
                        "devices online", timeout=60)
         return fleet

@@ -42,3 +42,50 @@ def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A private Mosquitto on a free loopback port with its own config file."""
     with MosquittoProcess(tmp_path / "broker") as b:
         yield b
+
+
+class RunningCloud:
+    """A cloud service (real uvicorn on a free port) with tokens for each role."""
+
+    def __init__(self, url: str, settings: object, tokens: dict[str, str]) -> None:
+        self.url, self.settings, self.tokens = url, settings, tokens
+
+    def headers(self, role: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, broker: MosquittoProcess) -> Iterator[RunningCloud]:
+    """The cloud service in this process, connected to the test's broker."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from cloud.app import create_app
+    from cloud.auth import create_token
+    from cloud.broker import free_port
+    from cloud.config import CloudSettings
+    from cloud.db import Database
+
+    settings = CloudSettings(data_dir=tmp_path / "cloud", broker_port=broker.port,
+                             http_port=free_port())
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.db_url)
+    db.create_all()
+    tokens = {role: create_token(db, f"test-{role}", role)
+              for role in ("viewer", "operator", "admin")}
+    db.dispose()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
+                                           port=settings.http_port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "cloud did not start"
+        time.sleep(0.05)
+    try:
+        yield RunningCloud(f"http://127.0.0.1:{settings.http_port}", settings, tokens)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from cloud.config import CloudSettings
+from cloud.db import Database
 from cloud.fleet import FleetView
 from cloud.mqtt_bridge import CloudMqtt
 from cloud.releases import ReleaseService
@@ -21,6 +22,7 @@ class CloudContext:
     """The services one cloud process runs; shared by the routes."""
 
     settings: CloudSettings
+    db: Database
     repo: ReleaseRepository
     releases: ReleaseService
     fleet: FleetView

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud.api.auth import Operator, Viewer
 from cloud.api.deps import CloudContext, Ctx
 from cloud.releases import UnknownReleaseError
 from shared.errors import TransferError
@@ -33,12 +34,12 @@ class DeploymentIn(DesiredIn):
 
 
 @router.get("/devices")
-def list_devices(ctx: Ctx) -> list[dict[str, Any]]:
+def list_devices(ctx: Ctx, _who: Viewer) -> list[dict[str, Any]]:
     return ctx.fleet.devices()
 
 
 @router.get("/devices/{device_id}")
-def get_device(ctx: Ctx, device_id: str) -> dict[str, Any]:
+def get_device(ctx: Ctx, _who: Viewer, device_id: str) -> dict[str, Any]:
     dev = ctx.fleet.device(device_id)
     if dev is None:
         raise HTTPException(404, f"device {device_id!r} has never connected")
@@ -69,7 +70,7 @@ def set_desired(ctx: CloudContext, device_id: str, body: DesiredIn) -> Desired:
 
 
 @router.put("/devices/{device_id}/desired")
-def put_desired(ctx: Ctx, device_id: str, body: DesiredIn) -> dict[str, Any]:
+def put_desired(ctx: Ctx, _who: Operator, device_id: str, body: DesiredIn) -> dict[str, Any]:
     if not DEVICE_ID_PATTERN.match(device_id):
         raise HTTPException(422, f"invalid device id {device_id!r}")
     _check_release(ctx, body.model, body.release)
@@ -77,7 +78,7 @@ def put_desired(ctx: Ctx, device_id: str, body: DesiredIn) -> dict[str, Any]:
 
 
 @router.post("/deployments")
-def deploy(ctx: Ctx, body: DeploymentIn) -> dict[str, Any]:
+def deploy(ctx: Ctx, _who: Operator, body: DeploymentIn) -> dict[str, Any]:
     if body.all_devices == (body.devices is not None):
         raise HTTPException(422, "give exactly one of `devices` (a list) or `all_devices`")
     targets = ctx.fleet.device_ids() if body.all_devices else list(dict.fromkeys(body.devices or []))

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from cloud.api.auth import Viewer
 from cloud.api.deps import Ctx
 
 __all__ = ["router"]
@@ -19,6 +20,6 @@ def healthz(ctx: Ctx) -> dict[str, Any]:
 
 
 @router.get("/api/v1/stats")
-def stats(ctx: Ctx) -> dict[str, Any]:
+def stats(ctx: Ctx, _who: Viewer) -> dict[str, Any]:
     return {"messages": ctx.fleet.messages, "invalid_messages": ctx.fleet.invalid_messages,
             "devices": len(ctx.fleet.device_ids())}

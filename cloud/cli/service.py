@@ -46,6 +46,29 @@ def cmd_root(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from cloud.auth import create_token, list_tokens, revoke_token
+    from cloud.db import Database
+
+    settings = settings_from(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.db_url)
+    db.create_all()
+    try:
+        if args.action == "create":
+            # The secret goes to stdout alone so scripts can capture it.
+            print(create_token(db, args.name, args.role))
+        elif args.action == "revoke":
+            print(f"revoked {revoke_token(db, args.name)} token(s) named {args.name!r}")
+        else:
+            for t in list_tokens(db):
+                state = "revoked" if t.revoked_at else "live"
+                print(f"{t.name:<24} {t.role:<9} {state}")
+    finally:
+        db.dispose()
+    return 0
+
+
 def register(sub: Any) -> None:
     s = local_args(sub.add_parser("serve", help="run the HTTP API, TUF repository and ingest"))
     s.add_argument("--broker-host")
@@ -56,6 +79,12 @@ def register(sub: Any) -> None:
 
     local_args(sub.add_parser("init", help="create keys and the TUF repository")).set_defaults(
         func=cmd_init)
+
+    s = local_args(sub.add_parser("token", help="create, list or revoke operator API tokens"))
+    s.add_argument("action", choices=["create", "list", "revoke"])
+    s.add_argument("--name", default="operator")
+    s.add_argument("--role", default="operator", choices=["viewer", "operator", "admin"])
+    s.set_defaults(func=cmd_token)
 
     s = local_args(sub.add_parser("root", help="export root metadata (device trust anchor)"))
     s.add_argument("--out", default="-")
