@@ -55,14 +55,18 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
         ctx: CloudContext = app.state.ctx
         stop = threading.Event()
         if connect_mqtt:
-            ctx.mqtt = CloudMqtt(settings.broker_host, settings.broker_port,
-                                 on_message=fleet.apply,
-                                 on_invalid=lambda topic, why: fleet.record_invalid(),
-                                 share_group=settings.ingest_group)
+            ctx.mqtt = CloudMqtt(
+                settings.broker_host,
+                settings.broker_port,
+                on_message=fleet.apply,
+                on_invalid=lambda topic, why: fleet.record_invalid(),
+                share_group=settings.ingest_group,
+            )
             ctx.mqtt.start()
         repo.refresh()
-        refresher = threading.Thread(target=_refresh_loop, args=(ctx, stop), daemon=True,
-                                     name="tuf-refresh")
+        refresher = threading.Thread(
+            target=_refresh_loop, args=(ctx, stop), daemon=True, name="tuf-refresh"
+        )
         refresher.start()
         try:
             yield
@@ -73,8 +77,9 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
             db.dispose()
 
     app = FastAPI(title="edgefleet cloud", version=__version__, lifespan=lifespan)
-    app.state.ctx = CloudContext(settings=settings, db=db, repo=repo, releases=ReleaseService(repo),
-                                 fleet=fleet, mqtt=None)
+    app.state.ctx = CloudContext(
+        settings=settings, db=db, repo=repo, releases=ReleaseService(repo), fleet=fleet, mqtt=None
+    )
     # Devices fetch TUF metadata and targets here (HTTP Range requests supported).
     app.mount("/tuf", StaticFiles(directory=settings.repo_dir, check_dir=True), name="tuf")
     for router in ROUTERS:

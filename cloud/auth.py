@@ -21,10 +21,10 @@ from shared.errors import ConfigError
 
 __all__ = ["ApiToken", "Role", "create_token", "list_tokens", "revoke_token", "verify_token"]
 
-TOKEN_PREFIX = "efk_"
+TOKEN_PREFIX = "efk_"  # noqa: S105 - a public prefix, not a secret
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     VIEWER = "viewer"
     OPERATOR = "operator"
     ADMIN = "admin"
@@ -62,8 +62,9 @@ def create_token(db: Database, name: str, role: Role | str) -> str:
         raise ConfigError("a token needs a name of 1-64 characters")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with db.session() as s:
-        s.add(ApiToken(name=name, role=role.value, token_sha256=_hash(secret),
-                       created_at=time.time()))
+        s.add(
+            ApiToken(name=name, role=role.value, token_sha256=_hash(secret), created_at=time.time())
+        )
     return secret
 
 
@@ -81,8 +82,9 @@ def verify_token(db: Database, secret: str) -> ApiToken | None:
 def revoke_token(db: Database, name: str) -> int:
     """Revoke every live token called ``name``; returns how many."""
     with db.session() as s:
-        toks = s.scalars(select(ApiToken).where(ApiToken.name == name,
-                                                ApiToken.revoked_at.is_(None))).all()
+        toks = s.scalars(
+            select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+        ).all()
         for t in toks:
             t.revoked_at = time.time()
         return len(toks)

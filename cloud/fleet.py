@@ -53,8 +53,12 @@ class DeviceView:
             "latency_p99_ms": t.latency.p99_ms if t and t.latency else None,
             "hardware": r.hardware.model_dump() if r else None,
             "recent_events": [
-                {"kind": e.kind.value, "release": e.release, "ts": e.ts,
-                 "reason": e.reason.model_dump() if e.reason else None}
+                {
+                    "kind": e.kind.value,
+                    "release": e.release,
+                    "ts": e.ts,
+                    "reason": e.reason.model_dump() if e.reason else None,
+                }
                 for e in list(self.events)[-10:]
             ],
         }

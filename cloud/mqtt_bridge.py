@@ -11,24 +11,44 @@ holds the new desired state.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.errors import MessageError, TransferError
+from shared.errors import ConfigError, MessageError, TransferError
 from shared.messages import Desired, Message, decode_device_message, encode
 from shared.topics import Channel, device_topic, subscription
 
-__all__ = ["CloudMqtt"]
+__all__ = ["CloudMqtt", "client_tls_context"]
 
 log = logging.getLogger(__name__)
 
 INGEST_CHANNELS = (Channel.REPORTED, Channel.EVENTS, Channel.TELEMETRY, Channel.STATUS)
+
+
+def client_tls_context(tls: Mapping[str, str]) -> ssl.SSLContext:
+    """Mutual TLS for one of the cloud's broker connections.
+
+    ``tls`` has ``ca_file`` (the cloud CA) and, on a secure broker, ``cert_file``
+    and ``key_file`` (a service identity from ``cloud.pki``;
+    ``ServiceIdentity.as_tls_dict()``). TLS 1.2 or newer; the broker's
+    certificate is checked against the CA and the host name."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls["ca_file"])
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.get("cert_file"):
+            ctx.load_cert_chain(certfile=tls["cert_file"], keyfile=tls.get("key_file"))
+    except KeyError as e:
+        raise ConfigError(f"broker TLS settings lack {e}") from e
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"broker TLS files {dict(tls)} are unusable: {e}") from e
+    return ctx
 
 
 class CloudMqtt:
@@ -63,8 +83,7 @@ class CloudMqtt:
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls is not None:
-            self._client.tls_set(ca_certs=tls["ca_file"], certfile=tls.get("cert_file"),
-                                 keyfile=tls.get("key_file"))
+            self._client.tls_set_context(client_tls_context(tls))
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
@@ -83,8 +102,9 @@ class CloudMqtt:
 
     def publish_desired(self, desired: Desired, timeout: float = 10.0) -> None:
         """Publish a retained desired state and wait until the broker has it."""
-        info = self._client.publish(device_topic(desired.device_id, Channel.DESIRED),
-                                    encode(desired), qos=1, retain=True)
+        info = self._client.publish(
+            device_topic(desired.device_id, Channel.DESIRED), encode(desired), qos=1, retain=True
+        )
         deadline = time.monotonic() + timeout
         try:
             info.wait_for_publish(timeout=timeout)
@@ -95,13 +115,20 @@ class CloudMqtt:
 
     def clear_desired(self, device_id: str) -> None:
         """Remove a device's retained desired state (an empty retained message)."""
-        info = self._client.publish(device_topic(device_id, Channel.DESIRED), b"", qos=1,
-                                    retain=True)
+        info = self._client.publish(
+            device_topic(device_id, Channel.DESIRED), b"", qos=1, retain=True
+        )
         info.wait_for_publish(timeout=10)
 
     # -- callbacks (paho network thread: never raise) -------------------------
-    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                        reason_code: ReasonCode, properties: Any) -> None:
+    def _handle_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Any,
+    ) -> None:
         if reason_code.is_failure:
             log.error("broker refused the cloud: %s", reason_code)
             return
@@ -112,14 +139,21 @@ class CloudMqtt:
         self.connected.set()
         log.info("cloud connected to broker %s:%s", self.host, self.port)
 
-    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                           reason_code: ReasonCode, properties: Any) -> None:
+    def _handle_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Any,
+    ) -> None:
         self.connected.clear()
         if reason_code != 0:
             log.warning("cloud lost the broker: %s; reconnecting", reason_code)
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any,
-                        message: mqtt.MQTTMessage) -> None:
+    def _handle_message(
+        self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
+    ) -> None:
         now = time.time()
         if not message.payload:  # a cleared retained message
             return

@@ -55,8 +55,11 @@ class DigitsSensor:
         with self._lock:
             x = self._images[self._rng.integers(len(self._images))].copy()
             drift = self.drift
-            noise = self._rng.normal(0.0, max(drift.amount, 0.0), size=x.shape) \
-                if drift.mode == "noise" else None
+            noise = (
+                self._rng.normal(0.0, max(drift.amount, 0.0), size=x.shape)
+                if drift.mode == "noise"
+                else None
+            )
         if drift.mode == "noise" and noise is not None:
             x = x + noise.astype(np.float32)
         elif drift.mode == "shift":
@@ -67,6 +70,7 @@ class DigitsSensor:
             x = rotate(x, drift.amount, axes=(0, 1), reshape=False, order=1, mode="constant")
         x = np.clip(x, 0.0, 1.0).astype(np.float32)
         if x.shape != shape:
-            raise ValueError(f"the model wants inputs of shape {shape}; this sensor makes "
-                             f"{x.shape} digit images")
+            raise ValueError(
+                f"the model wants inputs of shape {shape}; this sensor makes {x.shape} digit images"
+            )
         return x

@@ -95,7 +95,9 @@ def _proportions(counts: npt.NDArray[np.generic], eps: float) -> FloatArray:
     return np.asarray(p / p.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
-def psi(reference: npt.NDArray[np.generic], observed: npt.NDArray[np.generic], eps: float = 1e-4) -> FloatArray:
+def psi(
+    reference: npt.NDArray[np.generic], observed: npt.NDArray[np.generic], eps: float = 1e-4
+) -> FloatArray:
     """Population stability index per feature (last axis = bins)."""
     p, q = _proportions(reference, eps), _proportions(observed, eps)
     return np.asarray(np.sum((q - p) * np.log(q / p), axis=-1), dtype=np.float64)
@@ -129,7 +131,10 @@ def unpack_baseline(data: bytes, spec: DriftSpec) -> Baseline:
             counts = np.asarray(npz["counts"], dtype=np.int64)
     except (OSError, ValueError, KeyError) as e:
         raise ManifestError(f"drift baseline is unreadable: {e}") from e
-    if counts.shape != (spec.n_features, spec.bins) or edges.shape != (spec.n_features, spec.bins - 1):
+    if counts.shape != (spec.n_features, spec.bins) or edges.shape != (
+        spec.n_features,
+        spec.bins - 1,
+    ):
         raise ManifestError(
             f"drift baseline has edges {edges.shape} and counts {counts.shape}; the manifest "
             f"says {spec.n_features} features x {spec.bins} bins"

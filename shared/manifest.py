@@ -75,7 +75,9 @@ class TensorSpec(_Strict):
     """Shape, type and quantization of a model input or output tensor."""
 
     name: Annotated[str, Field(max_length=256)]
-    shape: Annotated[list[Annotated[int, Field(ge=1, le=1 << 20)]], Field(min_length=1, max_length=8)]
+    shape: Annotated[
+        list[Annotated[int, Field(ge=1, le=1 << 20)]], Field(min_length=1, max_length=8)
+    ]
     dtype: DType
     #: Affine quantization ``real = scale * (q - zero_point)``; absent for float tensors.
     scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -138,7 +140,9 @@ class ReleaseManifest(_Strict):
     selftest: SelfTestSpec
     drift: DriftSpec | None = None
     deltas: Annotated[list[DeltaBase], Field(max_length=16)] = []
-    labels: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1024)] | None = None
+    labels: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1024)] | None = (
+        None
+    )
     #: Lineage summary (source model hash, dataset hash, converter version ...).
     source: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = {}
 
@@ -196,7 +200,10 @@ class ReleaseManifest(_Strict):
 
 
 def check_compatible(
-    manifest: ReleaseManifest, *, agent_version: str, runtime_ops: frozenset[str] | None,
+    manifest: ReleaseManifest,
+    *,
+    agent_version: str,
+    runtime_ops: frozenset[str] | None,
     hardware_tags: frozenset[str],
 ) -> None:
     """Raise ``IncompatibleReleaseError`` if this device cannot run ``manifest``.

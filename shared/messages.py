@@ -61,7 +61,7 @@ Count = Annotated[int, Field(ge=0, le=2**53)]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 
 
-class UpdateState(str, enum.Enum):
+class UpdateState(enum.StrEnum):
     """Where a device is in the update state machine (DESIGN.md)."""
 
     IDLE = "idle"
@@ -77,7 +77,7 @@ class UpdateState(str, enum.Enum):
     FAILED = "failed"
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     """Update lifecycle events a device publishes."""
 
     OFFERED = "offered"
@@ -93,9 +93,7 @@ class EventKind(str, enum.Enum):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, strict=False
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=False)
     SCHEMA: ClassVar[str]
     CHANNEL: ClassVar[Channel]
 
@@ -183,7 +181,9 @@ class Telemetry(_Message):
 
     SCHEMA: ClassVar[str] = "edgefleet.telemetry/1"
     CHANNEL: ClassVar[Channel] = Channel.TELEMETRY
-    schema_: Literal["edgefleet.telemetry/1"] = Field(default="edgefleet.telemetry/1", alias="schema")
+    schema_: Literal["edgefleet.telemetry/1"] = Field(
+        default="edgefleet.telemetry/1", alias="schema"
+    )
     device_id: DeviceId
     seq: Count
     window_start: Timestamp
@@ -196,9 +196,12 @@ class Telemetry(_Message):
     cpu_percent: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
     rss_bytes: Count | None = None
     #: Per-feature counts on the release's drift bin edges: ``[feature][bin]``.
-    input_hist: Annotated[
-        list[Annotated[list[Count], Field(max_length=MAX_BINS)]], Field(max_length=MAX_FEATURES)
-    ] | None = None
+    input_hist: (
+        Annotated[
+            list[Annotated[list[Count], Field(max_length=MAX_BINS)]], Field(max_length=MAX_FEATURES)
+        ]
+        | None
+    ) = None
     #: Counts of predicted classes (prediction drift needs no labels).
     output_hist: Annotated[list[Count], Field(max_length=MAX_FEATURES)] | None = None
 
@@ -293,8 +296,6 @@ def decode_device_message(topic: str, payload: bytes) -> Message:
     msg: Message = decode(cls, payload)  # type: ignore[type-var,assignment]
     if msg.device_id != device_id:
         raise MessageError(
-            f"message on the topic of device {device_id!r} claims to be from "
-            f"{msg.device_id!r}"
+            f"message on the topic of device {device_id!r} claims to be from {msg.device_id!r}"
         )
     return msg
-

@@ -12,10 +12,17 @@ import re
 
 __all__ = [
     "DEVICE_ID_PATTERN",
+    "REPO_REQUEST",
+    "REPO_RESPONSE",
     "ROOT",
     "Channel",
+    "acl_device_topics",
     "device_topic",
+    "parse_repo_request_topic",
     "parse_topic",
+    "repo_request_subscription",
+    "repo_request_topic",
+    "repo_response_topic",
     "subscription",
     "validate_device_id",
 ]
@@ -26,7 +33,7 @@ ROOT = "edgefleet/v1"
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class Channel(str, enum.Enum):
+class Channel(enum.StrEnum):
     """The per-device channels and who writes them."""
 
     DESIRED = "desired"  # cloud -> device, retained
@@ -80,3 +87,56 @@ def parse_topic(topic: str) -> tuple[str, Channel]:
     except ValueError:
         raise ValueError(f"topic {topic!r} names unknown channel {channel_name!r}") from None
     return device_id, channel
+
+
+# -- TUF repository over MQTT (request/response; see device/mqtt_fetcher.py) --------------
+
+#: A device asks for a chunk of a repository file here (device -> cloud) ...
+REPO_REQUEST = "repo/req"
+#: ... and gets it back here (cloud -> device), matched by MQTT 5 correlation data.
+REPO_RESPONSE = "repo/resp"
+
+
+def repo_request_topic(device_id: str) -> str:
+    """Where ``device_id`` publishes its repository file requests."""
+    return f"{ROOT}/devices/{validate_device_id(device_id)}/{REPO_REQUEST}"
+
+
+def repo_response_topic(device_id: str) -> str:
+    """Where the cloud answers ``device_id``'s repository requests."""
+    return f"{ROOT}/devices/{validate_device_id(device_id)}/{REPO_RESPONSE}"
+
+
+def repo_request_subscription(*, share_group: str | None = None) -> str:
+    """Every device's request topic; shared when several cloud workers serve the repository."""
+    topic = f"{ROOT}/devices/+/{REPO_REQUEST}"
+    if share_group is not None:
+        if not share_group or any(c in share_group for c in "/+#"):
+            raise ValueError(f"invalid share group {share_group!r}")
+        topic = f"$share/{share_group}/{topic}"
+    return topic
+
+
+def parse_repo_request_topic(topic: str) -> str:
+    """The device id of a repository request topic; ``ValueError`` if it is not one."""
+    prefix, suffix = f"{ROOT}/devices/", f"/{REPO_REQUEST}"
+    if not (topic.startswith(prefix) and topic.endswith(suffix)):
+        raise ValueError(f"topic {topic!r} is not {prefix}<device>{suffix}")
+    return validate_device_id(topic[len(prefix) : -len(suffix)])
+
+
+def acl_device_topics() -> list[tuple[str, str]]:
+    """(access, topic suffix under ``devices/<id>/``) a device may use: the broker ACL.
+
+    A device writes its reports and repository requests and reads its desired
+    state and repository responses; it never writes ``desired``.
+    """
+    return [
+        ("read", Channel.DESIRED.value),
+        ("write", Channel.REPORTED.value),
+        ("write", Channel.EVENTS.value),
+        ("write", Channel.TELEMETRY.value),
+        ("write", Channel.STATUS.value),
+        ("write", REPO_REQUEST),
+        ("read", REPO_RESPONSE),
+    ]

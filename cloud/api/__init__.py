@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cloud.api import devices, releases, system
+from cloud.api import devices, enroll, releases, system
 
 __all__ = ["ROUTERS"]
 
-ROUTERS: list[APIRouter] = [system.router, releases.router, devices.router]
+ROUTERS: list[APIRouter] = [system.router, releases.router, devices.router, enroll.router]

@@ -40,16 +40,22 @@ def require(role: Role):  # type: ignore[no-untyped-def]
         header = request.headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret:
-            raise HTTPException(401, "missing API token: send `Authorization: Bearer <token>`",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing API token: send `Authorization: Bearer <token>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         tok = verify_token(ctx.db, secret.strip())
         if tok is None:
-            raise HTTPException(401, "unknown or revoked API token",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, "unknown or revoked API token", headers={"WWW-Authenticate": "Bearer"}
+            )
         have = Role(tok.role)
         if not have.allows(role):
-            raise HTTPException(403, f"token {tok.name!r} has role {have.value}; this call "
-                                     f"needs {role.value} or higher")
+            raise HTTPException(
+                403,
+                f"token {tok.name!r} has role {have.value}; this call needs {role.value} or higher",
+            )
         return Principal(tok.name, have)
 
     return dep

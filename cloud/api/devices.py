@@ -28,8 +28,13 @@ class DesiredIn(BaseModel):
 
 
 class DeploymentIn(DesiredIn):
-    devices: Annotated[list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN.pattern)]],
-                       Field(max_length=100_000)] | None = None
+    devices: (
+        Annotated[
+            list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN.pattern)]],
+            Field(max_length=100_000),
+        ]
+        | None
+    ) = None
     all_devices: bool = False
 
 
@@ -59,8 +64,13 @@ def set_desired(ctx: CloudContext, device_id: str, body: DesiredIn) -> Desired:
     """Publish a retained desired state; the broker has it when this returns."""
     if ctx.mqtt is None:
         raise HTTPException(503, "the cloud has no broker connection")
-    desired = Desired(device_id=device_id, model=body.model, release=body.release,
-                      rollout_id=body.rollout_id, issued_at=time.time())
+    desired = Desired(
+        device_id=device_id,
+        model=body.model,
+        release=body.release,
+        rollout_id=body.rollout_id,
+        issued_at=time.time(),
+    )
     try:
         ctx.mqtt.publish_desired(desired)
     except TransferError as e:
@@ -81,7 +91,9 @@ def put_desired(ctx: Ctx, _who: Operator, device_id: str, body: DesiredIn) -> di
 def deploy(ctx: Ctx, _who: Operator, body: DeploymentIn) -> dict[str, Any]:
     if body.all_devices == (body.devices is not None):
         raise HTTPException(422, "give exactly one of `devices` (a list) or `all_devices`")
-    targets = ctx.fleet.device_ids() if body.all_devices else list(dict.fromkeys(body.devices or []))
+    targets = (
+        ctx.fleet.device_ids() if body.all_devices else list(dict.fromkeys(body.devices or []))
+    )
     if not targets:
         raise HTTPException(400, "the selection names no devices; nothing was changed")
     _check_release(ctx, body.model, body.release)

@@ -21,5 +21,8 @@ def healthz(ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/api/v1/stats")
 def stats(ctx: Ctx, _who: Viewer) -> dict[str, Any]:
-    return {"messages": ctx.fleet.messages, "invalid_messages": ctx.fleet.invalid_messages,
-            "devices": len(ctx.fleet.device_ids())}
+    return {
+        "messages": ctx.fleet.messages,
+        "invalid_messages": ctx.fleet.invalid_messages,
+        "devices": len(ctx.fleet.device_ids()),
+    }

@@ -14,18 +14,17 @@ import argparse
 import logging
 import sys
 
-from cloud.cli import fleet, releases, service
+from cloud.cli import fleet, releases, security, service
 from shared.errors import EdgefleetError
 
 __all__ = ["build_parser", "main"]
 
-COMMAND_MODULES = [service, releases, fleet]
+COMMAND_MODULES = [service, releases, fleet, security]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgefleet-cloud", description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--log-level", default="WARNING",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -34,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except EdgefleetError as e:

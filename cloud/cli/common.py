@@ -30,10 +30,16 @@ def local_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def remote_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sp.add_argument("--api", default=os.environ.get("EDGEFLEET_API", "http://127.0.0.1:8080"),
-                    help="cloud service URL (env EDGEFLEET_API)")
-    sp.add_argument("--token", default=os.environ.get("EDGEFLEET_TOKEN"),
-                    help="API token (env EDGEFLEET_TOKEN; prefer the env: argv is visible)")
+    sp.add_argument(
+        "--api",
+        default=os.environ.get("EDGEFLEET_API", "http://127.0.0.1:8080"),
+        help="cloud service URL (env EDGEFLEET_API)",
+    )
+    sp.add_argument(
+        "--token",
+        default=os.environ.get("EDGEFLEET_TOKEN"),
+        help="API token (env EDGEFLEET_TOKEN; prefer the env: argv is visible)",
+    )
     return sp
 
 
@@ -41,8 +47,7 @@ def api_call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any
     """Call the running service; raise ``EdgefleetError`` with the server's reason."""
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     try:
-        r = httpx.request(method, args.api.rstrip("/") + path, timeout=30, headers=headers,
-                          **kw)
+        r = httpx.request(method, args.api.rstrip("/") + path, timeout=30, headers=headers, **kw)
     except httpx.HTTPError as e:
         raise EdgefleetError(f"cloud API at {args.api} is unreachable: {e}") from e
     if r.status_code >= 400:

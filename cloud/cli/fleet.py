@@ -27,12 +27,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(devices, indent=1))
         return 0
-    print(f"{'device':<14} {'online':<6} {'model':<8} {'release':>7} {'state':<11} "
-          f"{'slot':<4} {'inferences':>10}")
+    print(
+        f"{'device':<14} {'online':<6} {'model':<8} {'release':>7} {'state':<11} "
+        f"{'slot':<4} {'inferences':>10}"
+    )
     for d in devices:
-        print(f"{d['device_id']:<14} {'yes' if d['online'] else 'no':<6} "
-              f"{d['model'] or '-':<8} {d['release'] or '-':>7} {d['state'] or '-':<11} "
-              f"{d['slot'] or '-':<4} {d['inferences_total']:>10}")
+        print(
+            f"{d['device_id']:<14} {'yes' if d['online'] else 'no':<6} "
+            f"{d['model'] or '-':<8} {d['release'] or '-':>7} {d['state'] or '-':<11} "
+            f"{d['slot'] or '-':<4} {d['inferences_total']:>10}"
+        )
     return 0
 
 

@@ -25,16 +25,30 @@ def cmd_release_digits(args: argparse.Namespace) -> int:
     splits = load_digits_splits(seed=args.seed)
     print(f"training digits CNN (variant {args.variant}, {args.epochs} epochs) ...", flush=True)
     model = train_digits_cnn(splits, epochs=args.epochs, seed=args.seed, variant=args.variant)
-    result = run_pipeline(model, splits.x_calib, (splits.x_test, splits.y_test),
-                          mode=args.mode, gate=GateConfig(), seed=args.seed)
+    result = run_pipeline(
+        model,
+        splits.x_calib,
+        (splits.x_test, splits.y_test),
+        mode=args.mode,
+        gate=GateConfig(),
+        seed=args.seed,
+    )
     for line in result.decisions:
         print(f"  gate: {line}")
     artifacts = build_artifacts(result, seed=args.seed)
     manifest = service.publish(args.model_name, artifacts)
-    print(json.dumps({"model": manifest.model, "release": manifest.release,
-                      "quantization": manifest.quantization,
-                      "size_bytes": len(artifacts.model_bytes),
-                      "metrics": manifest.metrics}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": manifest.model,
+                "release": manifest.release,
+                "quantization": manifest.quantization,
+                "size_bytes": len(artifacts.model_bytes),
+                "metrics": manifest.metrics,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -47,8 +61,10 @@ def cmd_releases(args: argparse.Namespace) -> int:
     print(f"{'model':<16} {'release':>7} {'quant':<8} {'accuracy':>8}")
     for m in service.releases(args.model):
         acc = m.metrics.get("accuracy")
-        print(f"{m.model:<16} {m.release:>7} {m.quantization:<8} "
-              f"{'' if acc is None else f'{acc:.3f}':>8}")
+        print(
+            f"{m.model:<16} {m.release:>7} {m.quantization:<8} "
+            f"{'' if acc is None else f'{acc:.3f}':>8}"
+        )
     return 0
 
 
@@ -59,8 +75,9 @@ def register(sub: Any) -> None:
     s.add_argument("--model-name", default="digits")
     s.add_argument("--variant", type=int, default=0, help="retraining variant (new seed)")
     s.add_argument("--epochs", type=int, default=12)
-    s.add_argument("--mode", default="int8",
-                   choices=["float32", "dynamic", "float16", "int8", "int16x8"])
+    s.add_argument(
+        "--mode", default="int8", choices=["float32", "dynamic", "float16", "int8", "int16x8"]
+    )
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_release_digits)
 

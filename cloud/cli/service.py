@@ -19,8 +19,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port,
-                log_level=args.log_level.lower(), access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+    )
     return 0
 
 
@@ -78,7 +83,8 @@ def register(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
     local_args(sub.add_parser("init", help="create keys and the TUF repository")).set_defaults(
-        func=cmd_init)
+        func=cmd_init
+    )
 
     s = local_args(sub.add_parser("token", help="create, list or revoke operator API tokens"))
     s.add_argument("action", choices=["create", "list", "revoke"])

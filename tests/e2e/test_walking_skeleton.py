@@ -17,8 +17,11 @@ EPOCHS = 6
 
 
 def _publish_raw(fleet: DemoFleet, topic: str, payload: bytes) -> None:
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                    client_id="e2e-intruder", protocol=mqtt.MQTTv5)
+    c = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id="e2e-intruder",
+        protocol=mqtt.MQTTv5,
+    )
     c.connect("127.0.0.1", fleet.broker.port)
     c.loop_start()
     try:
@@ -33,8 +36,9 @@ def _by_id(fleet: DemoFleet) -> dict[str, dict[str, object]]:
 
 
 def _tamper_target(fleet: DemoFleet, model: str, release: int) -> None:
-    blobs = list((fleet.cloud_dir / "repository" / "targets" / model / str(release))
-                 .glob("*.model.tflite"))
+    blobs = list(
+        (fleet.cloud_dir / "repository" / "targets" / model / str(release)).glob("*.model.tflite")
+    )
     assert blobs, "published model target not found on disk"
     for blob in blobs:
         data = bytearray(blob.read_bytes())
@@ -54,8 +58,11 @@ def test_release_travels_from_cloud_to_every_device(tmp_path: Path) -> None:
         invalid_before = fleet_stats(fleet)["invalid_messages"]
         _publish_raw(fleet, "edgefleet/v1/devices/dev-001/desired", b"\x00garbage")
         _publish_raw(fleet, "edgefleet/v1/devices/dev-002/telemetry", b'{"schema": 1}')
-        fleet.wait_for(lambda _: fleet_stats(fleet)["invalid_messages"] > invalid_before,
-                       "cloud to count the invalid telemetry", timeout=20)
+        fleet.wait_for(
+            lambda _: fleet_stats(fleet)["invalid_messages"] > invalid_before,
+            "cloud to count the invalid telemetry",
+            timeout=20,
+        )
 
         v2 = fleet.release_digits(variant=1, epochs=EPOCHS)
         assert v2["release"] == 2
@@ -66,11 +73,20 @@ def test_release_travels_from_cloud_to_every_device(tmp_path: Path) -> None:
             assert d["model"] == "digits"
             assert d["slot"] != slot_v1[d["device_id"]], "v2 must go to the other A/B slot"
             assert d["last_error"] is None
-        fleet.wait_for(lambda devs: all(d["inferences_total"] > 0 for d in devs),
-                       "telemetry from every device", timeout=30)
+        fleet.wait_for(
+            lambda devs: all(d["inferences_total"] > 0 for d in devs),
+            "telemetry from every device",
+            timeout=30,
+        )
         kinds = [e["kind"] for e in _by_id(fleet)["dev-001"]["recent_events"]]  # type: ignore[index,union-attr]
-        assert kinds[-6:] == ["downloading", "verified", "staged", "selftest", "swapped",
-                              "committed"]
+        assert kinds[-6:] == [
+            "downloading",
+            "verified",
+            "staged",
+            "selftest",
+            "swapped",
+            "committed",
+        ]
 
         # A release whose bytes were tampered with after signing is never loaded.
         v3 = fleet.release_digits(variant=2, epochs=EPOCHS)
@@ -78,14 +94,16 @@ def test_release_travels_from_cloud_to_every_device(tmp_path: Path) -> None:
         before = {k: v["inferences_total"] for k, v in _by_id(fleet).items()}
         fleet.deploy("digits", v3["release"])
         devices = fleet.wait_for(
-            lambda devs: all(d["state"] == "failed" for d in devs), "devices to refuse v3")
+            lambda devs: all(d["state"] == "failed" for d in devs), "devices to refuse v3"
+        )
         for d in devices:
             assert d["release"] == 2, "the running model must keep serving"
             assert d["last_error"]["code"] == "verification_failed"  # type: ignore[index]
         time.sleep(1.5)
         after = _by_id(fleet)
-        assert all(after[k]["inferences_total"] > before[k] for k in before), \
+        assert all(after[k]["inferences_total"] > before[k] for k in before), (
             "inference must continue after a rejected release"
+        )
         procs = dict(fleet.procs.procs)
     assert all(p.poll() is not None for p in procs.values()), "every process is stopped"
 

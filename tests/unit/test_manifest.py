@@ -21,14 +21,32 @@ from shared.selftest import check_outputs, pack_vectors, unpack_vectors
 
 def manifest(**kw: object) -> ReleaseManifest:
     base: dict[str, object] = {
-        "model": "digits", "release": 3, "created_at": 1.0, "quantization": "int8",
-        "input": {"name": "x", "shape": [1, 8, 8, 1], "dtype": "int8", "scale": 0.004,
-                  "zero_point": -128},
-        "output": {"name": "y", "shape": [1, 10], "dtype": "int8", "scale": 1 / 256,
-                   "zero_point": -128},
+        "model": "digits",
+        "release": 3,
+        "created_at": 1.0,
+        "quantization": "int8",
+        "input": {
+            "name": "x",
+            "shape": [1, 8, 8, 1],
+            "dtype": "int8",
+            "scale": 0.004,
+            "zero_point": -128,
+        },
+        "output": {
+            "name": "y",
+            "shape": [1, 10],
+            "dtype": "int8",
+            "scale": 1 / 256,
+            "zero_point": -128,
+        },
         "selftest": {"target": "digits/3/selftest.npz", "count": 4, "atol": 2 / 256},
-        "drift": {"target": "digits/3/baseline.npz", "features": "flatten", "n_features": 64,
-                  "bins": 10, "n_classes": 10},
+        "drift": {
+            "target": "digits/3/baseline.npz",
+            "features": "flatten",
+            "n_features": 64,
+            "bins": 10,
+            "n_classes": 10,
+        },
         "runtime": {"min_agent_version": "0.1.0", "ops": ["CONV_2D"]},
     }
     base.update(kw)
@@ -60,18 +78,29 @@ def test_manifest_targets_must_stay_inside_release() -> None:
 
 
 def test_compatibility_checks_agent_ops_and_hardware() -> None:
-    m = manifest(runtime={"min_agent_version": "0.2.0", "ops": ["CONV_2D", "MY_OP"],
-                          "hardware_tags": ["camera"]})
-    with pytest.raises(IncompatibleReleaseError, match="needs agent >= 0.2.0"):
+    m = manifest(
+        runtime={
+            "min_agent_version": "0.2.0",
+            "ops": ["CONV_2D", "MY_OP"],
+            "hardware_tags": ["camera"],
+        }
+    )
+    with pytest.raises(IncompatibleReleaseError, match=r"needs agent >= 0\.2\.0"):
         check_compatible(m, agent_version="0.1.9", runtime_ops=None, hardware_tags=frozenset())
     with pytest.raises(IncompatibleReleaseError, match="MY_OP"):
-        check_compatible(m, agent_version="0.2.0", runtime_ops=frozenset({"CONV_2D"}),
-                         hardware_tags=frozenset({"camera"}))
+        check_compatible(
+            m,
+            agent_version="0.2.0",
+            runtime_ops=frozenset({"CONV_2D"}),
+            hardware_tags=frozenset({"camera"}),
+        )
     with pytest.raises(IncompatibleReleaseError, match="hardware tags"):
-        check_compatible(m, agent_version="0.2.0", runtime_ops=None,
-                         hardware_tags=frozenset({"mic"}))
-    check_compatible(m, agent_version="0.2.0", runtime_ops=None,
-                     hardware_tags=frozenset({"camera"}))
+        check_compatible(
+            m, agent_version="0.2.0", runtime_ops=None, hardware_tags=frozenset({"mic"})
+        )
+    check_compatible(
+        m, agent_version="0.2.0", runtime_ops=None, hardware_tags=frozenset({"camera"})
+    )
 
 
 def _vectors(m: ReleaseManifest) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +113,7 @@ def _vectors(m: ReleaseManifest) -> tuple[np.ndarray, np.ndarray]:
 def test_selftest_passes_on_identical_outputs_and_fails_beyond_tolerance() -> None:
     m = manifest()
     x, y = _vectors(m)
-    xs, ys = unpack_vectors(pack_vectors(x, y), m)
+    _xs, ys = unpack_vectors(pack_vectors(x, y), m)
     assert check_outputs(ys, ys, m).passed
     off = ys.astype(np.int16)
     off[0, 0] += 5  # 5 quantization steps: beyond atol of 2 steps

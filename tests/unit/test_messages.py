@@ -3,6 +3,7 @@ with an error that names the problem, and no input crashes the parser."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -30,8 +31,12 @@ HW = HardwareInfo(machine="aarch64", system="Linux", runtime="ai-edge-litert 2.3
 
 
 def _desired(**kw: object) -> Desired:
-    base: dict[str, object] = {"device_id": "dev-1", "model": "digits", "release": 2,
-                               "issued_at": 1.0}
+    base: dict[str, object] = {
+        "device_id": "dev-1",
+        "model": "digits",
+        "release": 2,
+        "issued_at": 1.0,
+    }
     base.update(kw)
     return Desired(**base)  # type: ignore[arg-type]
 
@@ -43,30 +48,56 @@ def test_desired_round_trips_with_schema_field() -> None:
     assert decode(Desired, wire) == msg
 
 
-@pytest.mark.parametrize("msg", [
-    Reported(device_id="d", agent_version="0.1.0", state=UpdateState.IDLE, hardware=HW, ts=2.0),
-    Event(device_id="d", seq=1, ts=2.0, kind=EventKind.SWAPPED, model="digits", release=3),
-    Telemetry(device_id="d", seq=1, window_start=1.0, window_end=2.0, inferences=5, errors=0,
-              input_hist=[[1, 2], [3, 4]], output_hist=[1, 2, 3]),
-    Status(device_id="d", online=False),
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Reported(device_id="d", agent_version="0.1.0", state=UpdateState.IDLE, hardware=HW, ts=2.0),
+        Event(device_id="d", seq=1, ts=2.0, kind=EventKind.SWAPPED, model="digits", release=3),
+        Telemetry(
+            device_id="d",
+            seq=1,
+            window_start=1.0,
+            window_end=2.0,
+            inferences=5,
+            errors=0,
+            input_hist=[[1, 2], [3, 4]],
+            output_hist=[1, 2, 3],
+        ),
+        Status(device_id="d", online=False),
+    ],
+)
 def test_every_message_kind_round_trips(msg: object) -> None:
     assert decode(type(msg), encode(msg)) == msg  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("payload", "needle"), [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'{"schema": "edgefleet.desired/2", "device_id": "d"}', "edgefleet.desired/2"),
-    (b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "digits", '
-     b'"release": 0, "issued_at": 1}', "release"),
-    (b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "Digits!", '
-     b'"release": 1, "issued_at": 1}', "model"),
-    (b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "digits", '
-     b'"release": 1, "issued_at": 1, "surprise": 1}', "surprise"),
-    (b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "digits", '
-     b'"release": 1, "issued_at": NaN}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"schema": "edgefleet.desired/2", "device_id": "d"}', "edgefleet.desired/2"),
+        (
+            b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "digits", '
+            b'"release": 0, "issued_at": 1}',
+            "release",
+        ),
+        (
+            b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "Digits!", '
+            b'"release": 1, "issued_at": 1}',
+            "model",
+        ),
+        (
+            b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "digits", '
+            b'"release": 1, "issued_at": 1, "surprise": 1}',
+            "surprise",
+        ),
+        (
+            b'{"schema": "edgefleet.desired/1", "device_id": "d", "model": "digits", '
+            b'"release": 1, "issued_at": NaN}',
+            "not valid JSON",
+        ),
+    ],
+)
 def test_bad_desired_is_rejected_with_a_reason(payload: bytes, needle: str) -> None:
     with pytest.raises(MessageError, match=needle):
         decode(Desired, payload)
@@ -78,15 +109,31 @@ def test_oversized_message_rejected_before_parsing() -> None:
 
 
 def test_ragged_histogram_rejected() -> None:
-    bad = {"schema": "edgefleet.telemetry/1", "device_id": "d", "seq": 1, "window_start": 1,
-           "window_end": 2, "inferences": 1, "errors": 0, "input_hist": [[1, 2], [3]]}
+    bad = {
+        "schema": "edgefleet.telemetry/1",
+        "device_id": "d",
+        "seq": 1,
+        "window_start": 1,
+        "window_end": 2,
+        "inferences": 1,
+        "errors": 0,
+        "input_hist": [[1, 2], [3]],
+    }
     with pytest.raises(MessageError, match="same number of bins"):
         decode(Telemetry, json.dumps(bad).encode())
 
 
 def test_huge_histogram_rejected() -> None:
-    bad = {"schema": "edgefleet.telemetry/1", "device_id": "d", "seq": 1, "window_start": 1,
-           "window_end": 2, "inferences": 1, "errors": 0, "input_hist": [[1] * 65]}
+    bad = {
+        "schema": "edgefleet.telemetry/1",
+        "device_id": "d",
+        "seq": 1,
+        "window_start": 1,
+        "window_end": 2,
+        "inferences": 1,
+        "errors": 0,
+        "input_hist": [[1] * 65],
+    }
     with pytest.raises(MessageError, match="input_hist"):
         decode(Telemetry, json.dumps(bad).encode())
 
@@ -103,35 +150,57 @@ def test_topics_parse_and_refuse_wildcards() -> None:
         device_topic("dev/+", Channel.DESIRED)
     with pytest.raises(ValueError, match="unknown channel"):
         parse_topic("edgefleet/v1/devices/dev-1/secrets")
-    assert subscription(Channel.TELEMETRY, share_group="ingest") == \
-        "$share/ingest/edgefleet/v1/devices/+/telemetry"
+    assert (
+        subscription(Channel.TELEMETRY, share_group="ingest")
+        == "$share/ingest/edgefleet/v1/devices/+/telemetry"
+    )
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048))
 def test_parser_never_crashes_on_arbitrary_bytes(payload: bytes) -> None:
     for cls in (Desired, Reported, Event, Telemetry, Status):
-        try:
+        with contextlib.suppress(MessageError):
             decode(cls, payload)
-        except MessageError:
-            pass
 
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10),
-                                                                      children, max_size=4),
-    max_leaves=20)
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["schema", "device_id", "model", "release", "seq", "ts",
-                                        "kind", "inferences", "input_hist", "state", "online"]),
-                       _json, max_size=8))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "schema",
+                "device_id",
+                "model",
+                "release",
+                "seq",
+                "ts",
+                "kind",
+                "inferences",
+                "input_hist",
+                "state",
+                "online",
+            ]
+        ),
+        _json,
+        max_size=8,
+    )
+)
 def test_parser_never_crashes_on_json_objects(obj: dict[str, object]) -> None:
-    for cls, schema in ((Desired, "edgefleet.desired/1"), (Telemetry, "edgefleet.telemetry/1"),
-                        (Event, "edgefleet.event/1"), (Reported, "edgefleet.reported/1")):
-        try:
+    for cls, schema in (
+        (Desired, "edgefleet.desired/1"),
+        (Telemetry, "edgefleet.telemetry/1"),
+        (Event, "edgefleet.event/1"),
+        (Reported, "edgefleet.reported/1"),
+    ):
+        with contextlib.suppress(MessageError):
             decode(cls, json.dumps({**obj, "schema": schema}).encode())
-        except MessageError:
-            pass
