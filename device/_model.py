@@ -391,6 +391,24 @@ class LoadedModel:
         """Op names the model uses (see ``model_ops``)."""
         return model_ops(self._content)
 
+    def quantize(self, x: Array) -> Array:
+        """Map a real-valued sample to this model's input tensor (adds the batch axis).
+
+        Sensors give real values; the quantization is this model's own, so a
+        caller never quantizes with the parameters of another model (the one
+        that was current a moment ago, before a swap). Affine quantization
+        ``q = clip(round(x / scale + zero_point))``; float inputs are cast.
+        """
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.shape == self._in_shape[1:]:
+            arr = arr.reshape(self._in_shape)
+        spec = self.input_spec
+        if spec.scale is None or self._in_dtype.kind == "f":
+            return arr.astype(self._in_dtype)
+        info = np.iinfo(self._in_dtype)
+        q = np.round(arr / np.float32(spec.scale) + np.float32(spec.zero_point or 0))
+        return np.clip(q, info.min, info.max).astype(self._in_dtype)
+
     def check_manifest(self, manifest: ReleaseManifest) -> None:
         """Raise ``ManifestError`` unless the model's input/output match its signed manifest."""
         for role, have, want in (

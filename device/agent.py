@@ -2,17 +2,23 @@
 
 Threads:
 
-* inference workers: take inputs from the source and run the current model,
-  continuously, whatever else happens;
-* the updater: when the retained desired state names a release this device
-  does not run, it walks the update state machine (offered, downloading,
-  verified, staged, selftest, swapped, committed), publishing an event and a
-  ``reported`` state at each step and persisting the step first;
+* inference workers (``inference_threads``): take real-valued inputs from the
+  source and run them on whatever model serves, continuously, whatever else
+  happens. The serving model quantizes each input with its own parameters
+  (``ModelServer.infer_real``), so a swap never feeds a model another one's
+  quantization;
+* the updater (``device._updater.UpdateMachine``): walks the update state
+  machine, persisting each step first, then publishing an event and the
+  retained ``reported`` state; a new model is built, self-tested and warmed
+  off the request path, switched in atomically, and serves on probation with
+  the previous model kept loaded for an instant rollback;
 * telemetry: closes a statistics window every ``telemetry_interval``.
 
-A release that fails verification or its self-test is remembered as rejected
-and never retried; a failed transfer is retried with backoff. Whatever goes
-wrong, the running model keeps serving.
+Boot order: the journal is read and the slot pointer made to agree with it
+(``UpdateMachine.recover``), the active slot is loaded and self-tested (the
+previous slot if the active one is missing, corrupt or fails), then the
+interrupted update, if any, goes on (``UpdateMachine.after_boot``). Whatever
+goes wrong, a loaded model keeps serving.
 """
 
 from __future__ import annotations
@@ -27,36 +33,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from device import __version__
-from device.fsutil import atomic_write_json, read_json
+from device._probation import LatencyRing, ProbationWindow
+from device._updater import UpdateMachine
 from device.inputs import InputSource
 from device.mqtt_session import MqttSession, TlsSettings
-from device.runtime import LoadedModel, ModelServer, NoModelError, interpreter_backend
+from device.runtime import LoadedModel, ModelMeta, ModelServer, NoModelError, interpreter_backend
 from device.store import SlotContents, SlotStore, StoreState
 from device.telemetry import DriftContext, ProcessStats, TelemetryBuffer, TelemetryWindow
-from device.tuf_client import ReleaseClient
 from shared.drift import unpack_baseline
-from shared.errors import EdgefleetError, ReleaseError, StorageError, TransferError
-from shared.manifest import ReleaseManifest, TensorSpec, check_compatible
-from shared.messages import (
-    Desired,
-    ErrorInfo,
-    Event,
-    EventKind,
-    HardwareInfo,
-    Reported,
-    UpdateState,
-)
+from shared.errors import EdgefleetError
+from shared.manifest import ReleaseManifest
+from shared.messages import Desired, ErrorInfo, HardwareInfo, Reported, UpdateState
 from shared.selftest import check_outputs, unpack_vectors
 
-__all__ = ["Agent", "AgentConfig", "quantize_input"]
+__all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger(__name__)
 
-#: Rejected releases remembered (so a bad release is not retried forever).
-MAX_REJECTED = 64
+#: Telemetry windows waiting for the link, persisted across restarts.
+TELEMETRY_BUFFER = "telemetry-buffer.json"
+#: Inference errors logged with a traceback: the first, then one in this many.
+ERROR_LOG_EVERY = 1000
 
 
 @dataclass
@@ -76,28 +75,31 @@ class AgentConfig:
     tls: TlsSettings | None = None
     retry_min: float = 1.0
     retry_max: float = 60.0
+    #: Probation: at least this long and this many inferences on the new model ...
+    probation_s: float = 10.0
+    probation_min_inferences: int = 100
+    #: ... but at most this long when the device serves too little to judge.
+    probation_max_s: float = 120.0
+    #: Roll back above this error rate, or when p99 latency exceeds this
+    #: multiple of the previous model's.
+    probation_max_error_rate: float = 0.01
+    probation_max_latency_ratio: float = 3.0
+    #: Deaths of the agent with a new model loaded before it is blamed on the model.
+    max_update_crashes: int = 3
+    #: Use signed binary deltas against the running model when a release offers one.
+    use_deltas: bool = True
 
     @property
     def root_path(self) -> Path:
         return self.data_dir / "trust" / "root.json"
 
 
-def quantize_input(x: npt.NDArray[np.floating[Any]], spec: TensorSpec) -> npt.NDArray[Any]:
-    """Map a real-valued sample to the model's input tensor (adds the batch axis)."""
-    batch = np.asarray(x, dtype=np.float32)[None, ...]
-    dtype = np.dtype(spec.dtype)
-    if spec.scale is None or dtype.kind == "f":
-        return batch.astype(dtype)
-    info = np.iinfo(dtype)
-    q = np.round(batch / spec.scale + float(spec.zero_point or 0))
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
 class Agent:
     """One device's agent. ``start()`` returns at once; ``stop()`` shuts down cleanly."""
 
-    def __init__(self, cfg: AgentConfig, source: InputSource, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cfg: AgentConfig, source: InputSource, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.cfg = cfg
         self.source = source
         self.clock = clock
@@ -105,39 +107,49 @@ class Agent:
         self.server = ModelServer()
         self.window = TelemetryWindow(clock=clock)
         self.buffer = TelemetryBuffer()
+        self._buffer_path = cfg.data_dir / TELEMETRY_BUFFER
+        self.buffer.load(self._buffer_path)
         self._stats = ProcessStats()
-        self._journal_path = cfg.data_dir / "update.json"
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._desired: Desired | None = None
         self._running: SlotContents | None = None
-        self._state = UpdateState.IDLE
-        self._target: Desired | None = None
         self._last_error: ErrorInfo | None = None
-        self._event_seq = 0
-        self._telemetry_seq = 0
-        # "<model>/<release>" -> issued_at of the desired state it failed under.
-        # A re-issued desired state (operator deploys again) retries; the same
-        # retained message redelivered on reconnect or reboot does not.
-        self._rejected: dict[str, float] = {}
+        #: Recent latencies of the serving model: the reference of the next probation.
+        self._latency = LatencyRing()
+        #: The probation window while a new model is on probation.
+        self._probe: ProbationWindow | None = None
+        self._errors_seen = 0
         self._threads: list[threading.Thread] = []
-        backend, self.runtime_name = interpreter_backend()
-        self.hardware = HardwareInfo(machine=platform.machine()[:64], system=platform.system()[:64],
-                                     runtime=self.runtime_name[:128], tags=cfg.hardware_tags)
-        self.session = MqttSession(cfg.device_id, cfg.broker_host, cfg.broker_port,
-                                   agent_version=__version__, on_desired=self._on_desired,
-                                   tls=cfg.tls, clock=clock)
+        _, self.runtime_name = interpreter_backend()
+        self.hardware = HardwareInfo(
+            machine=platform.machine()[:64],
+            system=platform.system()[:64],
+            runtime=self.runtime_name[:128],
+            tags=cfg.hardware_tags,
+        )
+        self.updater = UpdateMachine(self)
+        self.session = MqttSession(
+            cfg.device_id,
+            cfg.broker_host,
+            cfg.broker_port,
+            agent_version=__version__,
+            on_desired=self._on_desired,
+            tls=cfg.tls,
+            clock=clock,
+        )
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
-        self._load_journal()
+        self.updater.recover()
         self._boot()
+        self.updater.after_boot()
         self.session.start()
         specs: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
             (f"infer-{i}", self._inference_loop, (i,)) for i in range(self.cfg.inference_threads)
         ]
-        specs += [("updater", self._update_loop, ()), ("telemetry", self._telemetry_loop, ())]
+        specs += [("updater", self.updater.run, ()), ("telemetry", self._telemetry_loop, ())]
         for name, target, args in specs:
             t = threading.Thread(target=target, args=args, name=name, daemon=True)
             t.start()
@@ -151,6 +163,7 @@ class Agent:
             t.join(timeout=10)
         self._flush_telemetry()
         self.session.stop()
+        self.updater.close()
         self.server.close()
 
     def wait(self) -> None:
@@ -167,6 +180,10 @@ class Agent:
                 continue
             contents = self.store.read(slot)
             if contents is None:
+                log.error("slot %s is missing or corrupt", slot)
+                self._last_error = ErrorInfo(
+                    code="slot_invalid", message=f"slot {slot} is missing or corrupt"
+                )
                 continue
             try:
                 model = self._load_and_test(contents)
@@ -181,38 +198,25 @@ class Agent:
             return
         log.warning("no valid model on disk; waiting for a release")
 
-    def _load_journal(self) -> None:
-        if not self._journal_path.exists():
-            return
-        try:
-            raw = read_json(self._journal_path)
-            self._rejected = {str(k): float(v) for k, v in dict(raw.get("rejected", {})).items()}
-            self._event_seq = int(raw.get("event_seq", 0))
-            self._telemetry_seq = int(raw.get("telemetry_seq", 0))
-        except (StorageError, AttributeError, TypeError, ValueError) as e:
-            log.error("update journal unreadable (%s); starting a new one", e)
-
-    def _save_journal(self) -> None:
-        with self._lock:
-            data = {"state": self._state.value,
-                    "target": self._target.model_dump(mode="json", by_alias=True)
-                    if self._target else None,
-                    "rejected": dict(list(self._rejected.items())[-MAX_REJECTED:]),
-                    "event_seq": self._event_seq, "telemetry_seq": self._telemetry_seq}
-        try:
-            atomic_write_json(self._journal_path, data)
-        except StorageError as e:
-            log.error("cannot persist update journal: %s", e)
-
     # -- model handling --------------------------------------------------
     def _load_and_test(self, contents: SlotContents) -> LoadedModel:
+        """Load a slot's model off the request path, check it against its signed
+        manifest, run the signed self-test vectors and warm every interpreter."""
         manifest = contents.manifest
-        model = LoadedModel(contents.model_path.read_bytes(),
-                            num_threads=self.cfg.interpreter_threads)
         try:
-            inputs, expected = unpack_vectors(contents.selftest_path.read_bytes(), manifest)
-            actual = model.run_batch(inputs)
-            report = check_outputs(actual, expected, manifest)
+            data = contents.model_path.read_bytes()
+            vectors = contents.selftest_path.read_bytes()
+        except OSError as e:
+            raise EdgefleetError(f"slot {contents.slot} is unreadable: {e}") from e
+        model = LoadedModel(
+            data,
+            meta=ModelMeta(name=manifest.model, release=manifest.release, slot=contents.slot),
+            num_threads=self.cfg.interpreter_threads,
+        )
+        try:
+            model.check_manifest(manifest)
+            inputs, expected = unpack_vectors(vectors, manifest)
+            report = check_outputs(model.run_batch(inputs), expected, manifest)
             log.info("self-test passed: %s", report.describe())
             model.warmup(3)
         except BaseException:
@@ -220,43 +224,67 @@ class Agent:
             raise
         return model
 
-    def _install(self, contents: SlotContents, model: LoadedModel) -> None:
+    def _install(
+        self, contents: SlotContents, model: LoadedModel, *, keep_old: bool = False
+    ) -> LoadedModel | None:
+        """Switch serving to ``model``; returns the replaced model if ``keep_old``."""
         drift = None
         manifest = contents.manifest
         if manifest.drift is not None and contents.baseline_path is not None:
             try:
                 baseline = unpack_baseline(contents.baseline_path.read_bytes(), manifest.drift)
-                drift = DriftContext(baseline=baseline, features=manifest.drift.features,
-                                     n_classes=manifest.drift.n_classes,
-                                     to_real=lambda x: np.asarray(x, dtype=np.float64))
-            except EdgefleetError as e:
+                # Inputs are real-valued (sensor domain), like the baseline's.
+                drift = DriftContext(
+                    baseline=baseline,
+                    features=manifest.drift.features,
+                    n_classes=manifest.drift.n_classes,
+                    to_real=lambda x: np.asarray(x, dtype=np.float64),
+                )
+            except (EdgefleetError, OSError) as e:
                 log.warning("drift baseline unusable: %s", e)
-        self.server.swap(model)
+        old = self.server.current
+        self.server.swap(model, retire_old=not keep_old)
         with self._lock:
             self._running = contents
+        self._latency.clear()
         self.window.set_drift(drift)
+        return old if keep_old else None
 
     # -- inference ---------------------------------------------------------
     def _inference_loop(self, index: int) -> None:
         interval = self.cfg.inference_interval
         while not self._stop.is_set():
-            running = self._running
-            if running is None:
+            model = self.server.current
+            if model is None:
                 self._stop.wait(0.1)
                 continue
-            spec = running.manifest.input
-            x = self.source.next(tuple(spec.shape[1:]))
+            shape = tuple(model.input_spec.shape[1:])
+            x = self.source.next(shape)
             t0 = time.perf_counter()
             try:
-                y = self.server.infer(quantize_input(x, spec))
+                y, served = self.server.infer_real(x)
             except NoModelError:
                 self._stop.wait(0.05)
                 continue
             except Exception:
-                log.exception("inference failed")
+                now = self.server.current
+                if now is not model and now is not None and now.input_spec.shape != [1, *shape]:
+                    continue  # raced a swap to a model with another input shape
+                self._errors_seen += 1
+                if self._errors_seen % ERROR_LOG_EVERY == 1:
+                    log.exception("inference failed (%d so far)", self._errors_seen)
                 self.window.record_error()
+                probe = self._probe
+                if probe is not None and probe.model is model:
+                    probe.record_error()
             else:
-                self.window.record(time.perf_counter() - t0, x, y)
+                dt = time.perf_counter() - t0
+                self.window.record(dt, x, y)
+                probe = self._probe
+                if probe is not None and probe.model is served:
+                    probe.record(dt)
+                elif probe is None:
+                    self._latency.add(dt)
             if interval > 0:
                 self._stop.wait(interval)
 
@@ -266,115 +294,49 @@ class Agent:
             self._desired = desired
         self._wake.set()
 
+    def _resume(self, desired: Desired) -> None:
+        """Go on with an update the journal says was under way (before MQTT says anything)."""
+        with self._lock:
+            if self._desired is None:
+                self._desired = desired
+        self._wake.set()
+
     def _needs_update(self) -> Desired | None:
         with self._lock:
             desired, running = self._desired, self._running
         if desired is None:
             return None
         if running is not None and (running.manifest.model, running.manifest.release) == (
-                desired.model, desired.release):
+            desired.model,
+            desired.release,
+        ):
             return None
-        if self._rejected.get(f"{desired.model}/{desired.release}") == desired.issued_at:
+        if self.updater.j.is_rejected(desired):
             return None
         return desired
 
-    def _update_loop(self) -> None:
-        delay = self.cfg.retry_min
-        while not self._stop.is_set():
-            self._wake.wait(timeout=delay if self._state == UpdateState.FAILED else 5.0)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            desired = self._needs_update()
-            if desired is None:
-                continue
-            try:
-                self._apply(desired)
-                delay = self.cfg.retry_min
-            except TransferError as e:
-                self._fail(desired, e, reject=False)
-                delay = min(delay * 2, self.cfg.retry_max)
-            except ReleaseError as e:
-                self._fail(desired, e, reject=True)
-            except EdgefleetError as e:  # storage, config: retry later
-                self._fail(desired, e, reject=False)
-                delay = min(delay * 2, self.cfg.retry_max)
-            except Exception as e:  # a bug must not kill the updater
-                log.exception("update failed unexpectedly")
-                self._fail(desired, EdgefleetError(f"internal error: {e}"), reject=False)
-                delay = min(delay * 2, self.cfg.retry_max)
-
-    def _apply(self, desired: Desired) -> None:
-        running = self._running
-        if running is not None and running.manifest.model == desired.model and \
-                desired.release < running.manifest.release:
-            raise _Downgrade(f"release {desired.release} is older than the running release "
-                             f"{running.manifest.release}; versions only go up")
-        self._step(desired, UpdateState.OFFERED, EventKind.OFFERED)
-        self._step(desired, UpdateState.DOWNLOADING, EventKind.DOWNLOADING, progress=0.0)
-        staging = self.cfg.data_dir / "download"
-        client = ReleaseClient(self.cfg.data_dir / "tuf", self.cfg.root_path.read_bytes(),
-                               self.cfg.repo_url)
-        verified = client.fetch_release(desired.model, desired.release, staging)
-        manifest = verified.manifest
-        check_compatible(manifest, agent_version=__version__, runtime_ops=None,
-                         hardware_tags=frozenset(self.cfg.hardware_tags))
-        self._step(desired, UpdateState.VERIFIED, EventKind.VERIFIED)
-        state = self.store.state()
-        slot = self.store.other(state.active)
-        contents = self.store.stage(
-            slot, manifest, verified.model_path.read_bytes(), verified.selftest_path.read_bytes(),
-            verified.baseline_path.read_bytes() if verified.baseline_path else None)
-        self._step(desired, UpdateState.STAGED, EventKind.STAGED)
-        model = self._load_and_test(contents)
-        self._step(desired, UpdateState.SELFTEST, EventKind.SELFTEST)
-        self.store.set_state(StoreState(active=slot, previous=state.active))
-        self._install(contents, model)
-        self._step(desired, UpdateState.SWAPPED, EventKind.SWAPPED)
-        self._step(desired, UpdateState.COMMITTED, EventKind.COMMITTED)
-        with self._lock:
-            self._last_error = None
-            self._state, self._target = UpdateState.IDLE, None
-        self._save_journal()
-        self._report()
-        log.info("now serving release %s of %s", manifest.release, manifest.model)
-
-    def _step(self, desired: Desired, state: UpdateState, kind: EventKind,
-              progress: float | None = None, reason: ErrorInfo | None = None) -> None:
-        with self._lock:
-            self._state, self._target = state, desired
-            self._event_seq += 1
-            seq = self._event_seq
-        self._save_journal()  # persist the step before telling anyone about it
-        self.session.publish_event(Event(
-            device_id=self.cfg.device_id, seq=seq, ts=self.clock(), kind=kind,
-            model=desired.model, release=desired.release, rollout_id=desired.rollout_id,
-            progress=progress, reason=reason))
-        self._report()
-
-    def _fail(self, desired: Desired, error: EdgefleetError, *, reject: bool) -> None:
-        info = ErrorInfo(code=error.code, message=str(error)[:1000])
-        log.error("update to %s/%s failed (%s): %s", desired.model, desired.release,
-                  error.code, error)
-        with self._lock:
-            self._last_error = info
-            if reject:
-                self._rejected[f"{desired.model}/{desired.release}"] = desired.issued_at
-        self._step(desired, UpdateState.FAILED, EventKind.FAILED, reason=info)
-
     # -- reporting ---------------------------------------------------------
     def _report(self) -> None:
+        j = self.updater.j
         with self._lock:
-            running, state, target, err = self._running, self._state, self._target, \
-                self._last_error
+            running, err = self._running, self._last_error
+        target = j.target if j.state != UpdateState.IDLE else None
         m = running.manifest if running else None
-        self.session.publish_reported(Reported(
-            device_id=self.cfg.device_id, agent_version=__version__,
-            model=m.model if m else None, release=m.release if m else None,
-            slot=running.slot if running else None, state=state,
-            target_release=target.release if target else None,
-            rollout_id=target.rollout_id if target else None,
-            last_error=err, hardware=self.hardware, ts=self.clock()))
+        self.session.publish_reported(
+            Reported(
+                device_id=self.cfg.device_id,
+                agent_version=__version__,
+                model=m.model if m else None,
+                release=m.release if m else None,
+                slot=running.slot if running else None,
+                state=j.state,
+                target_release=target.release if target else None,
+                rollout_id=target.rollout_id if target else None,
+                last_error=err,
+                hardware=self.hardware,
+                ts=self.clock(),
+            )
+        )
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.cfg.telemetry_interval):
@@ -382,15 +344,16 @@ class Agent:
 
     def _flush_telemetry(self) -> None:
         running = self._running
-        with self._lock:
-            self._telemetry_seq += 1
-            seq = self._telemetry_seq
-        msg = self.window.close(device_id=self.cfg.device_id, seq=seq,
-                                model=running.manifest.model if running else None,
-                                release=running.manifest.release if running else None,
-                                stats=self._stats)
+        msg = self.window.close(
+            device_id=self.cfg.device_id,
+            seq=self.updater.next_telemetry_seq(),
+            model=running.manifest.model if running else None,
+            release=running.manifest.release if running else None,
+            stats=self._stats,
+        )
         self.buffer.push(msg)
         self.buffer.drain(self.session.publish_telemetry)
+        self.buffer.save(self._buffer_path)
 
     # -- introspection (tests, CLI) ------------------------------------------
     @property
@@ -400,8 +363,4 @@ class Agent:
 
     @property
     def state(self) -> UpdateState:
-        return self._state
-
-
-class _Downgrade(ReleaseError):
-    code = "downgrade_refused"
+        return self.updater.j.state

@@ -134,13 +134,26 @@ class ModelServer:
         Raises ``NoModelError`` if no model is loaded; input errors
         (``ValueError``) and interpreter failures propagate and count as errors.
         """
+        return self._serve(x, real=False)[0]
+
+    def infer_real(self, x: Array) -> tuple[Array, LoadedModel]:
+        """Run one *real-valued* sample; returns the output and the model that served it.
+
+        The serving model quantizes ``x`` with its own input quantization
+        (``LoadedModel.quantize``), after it was picked: an inference racing a
+        swap to a model with other input parameters is never fed with the old
+        model's. Errors as ``infer``.
+        """
+        return self._serve(x, real=True)
+
+    def _serve(self, x: Array, *, real: bool) -> tuple[Array, LoadedModel]:
         t0 = time.perf_counter()
         try:
             while True:
                 model = self._current
                 if model is None:
                     raise NoModelError("no model is loaded (none swapped in yet, or server closed)")
-                out = model._try_run(x)
+                out = model._try_run(model.quantize(x) if real else x)
                 if out is not None:
                     break
                 # ``model`` was retired between reading it and checking out: a swap
@@ -161,10 +174,15 @@ class ModelServer:
             self._ring[self._ring_pos] = latency
             self._ring_pos = (self._ring_pos + 1) % len(self._ring)
             self._ring_len += 1
-        return out
+        return out, model
 
     def swap(
-        self, new: LoadedModel, *, warmup: int = 1, drain_timeout: float | None = None
+        self,
+        new: LoadedModel,
+        *,
+        warmup: int = 1,
+        drain_timeout: float | None = None,
+        retire_old: bool = True,
     ) -> SwapReport:
         """Make ``new`` the current model; drain and close the one it replaces.
 
@@ -173,6 +191,10 @@ class ModelServer:
         started on the old model finish on it, new ones run on ``new``. Returns
         once the old model is closed or ``drain_timeout`` passed (then its last
         inference closes it).
+
+        ``retire_old=False`` hands the replaced model back to the caller instead:
+        it stays loaded and warm (a probation keeps it for an instant rollback,
+        ``swap`` it back in) and the caller closes it when done with it.
         """
         if new.retired:
             raise ValueError(f"{new.meta.describe()} is closed and cannot be swapped in")
@@ -191,8 +213,8 @@ class ModelServer:
         t1 = time.perf_counter()
         drained = (
             old.close(self.drain_timeout if drain_timeout is None else drain_timeout)
-            if old is not None
-            else True
+            if old is not None and retire_old
+            else old is None
         )
         drain = time.perf_counter() - t1
         log.info(
@@ -202,7 +224,7 @@ class ModelServer:
             pause * 1e6,
             warm_s * 1e3,
             drain * 1e3,
-            "" if drained else " (still draining)",
+            "" if drained else (" (still draining)" if retire_old else " (old kept loaded)"),
         )
         return SwapReport(
             old=old.meta if old else None,

@@ -138,8 +138,24 @@ class SlotStore:
             os.unlink(meta)
             fsync_dir(meta.parent)
 
-    def stage(self, slot: Slot, manifest: ReleaseManifest, model: bytes,
-              selftest: bytes, baseline: bytes | None) -> SlotContents:
+    def clear(self, slot: Slot) -> None:
+        """Invalidate ``slot`` and delete its files (a refused release is not kept)."""
+        self.invalidate(slot)
+        path = self.root / slot
+        for name in (MODEL_NAME, SELFTEST_NAME, BASELINE_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path / name)
+        with contextlib.suppress(OSError):
+            fsync_dir(path)
+
+    def stage(
+        self,
+        slot: Slot,
+        manifest: ReleaseManifest,
+        model: bytes,
+        selftest: bytes,
+        baseline: bytes | None,
+    ) -> SlotContents:
         """Write a verified release into ``slot``; the slot becomes valid last."""
         self.invalidate(slot)
         path = self.root / slot
@@ -151,8 +167,11 @@ class SlotStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path / BASELINE_NAME)
         sha = hashlib.sha256(model).hexdigest()
-        atomic_write_json(path / SLOT_META, {
-            "manifest": manifest.model_dump(mode="json", by_alias=True, exclude_none=True),
-            "model_sha256": sha,
-        })
+        atomic_write_json(
+            path / SLOT_META,
+            {
+                "manifest": manifest.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "model_sha256": sha,
+            },
+        )
         return SlotContents(slot=slot, manifest=manifest, model_sha256=sha, path=path)

@@ -8,8 +8,9 @@ histogram of predicted classes. Raw inputs never leave the device: inputs are
 sampled into a bounded buffer that only this module sees and histograms are
 computed from it.
 
-Windows that cannot be sent (link down) wait in a bounded in-memory buffer;
-the oldest are dropped first and counted.
+Windows that cannot be sent (link down) wait in a bounded buffer, the oldest
+dropped first and counted; while windows wait, the buffer is also persisted
+(``TelemetryBuffer.save``) so an offline device's windows survive a reboot.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from device.fsutil import atomic_write_json, read_json
 from shared.drift import Baseline, extract_features, histogram
+from shared.errors import StorageError
 from shared.messages import LatencyStats, Telemetry
 
 __all__ = ["DriftContext", "ProcessStats", "TelemetryWindow", "TelemetryBuffer"]
@@ -100,8 +104,9 @@ class TelemetryWindow:
             self._inputs = []
             self._classes.clear()
 
-    def record(self, latency_s: float, x: npt.NDArray[np.generic] | None,
-               y: npt.NDArray[np.generic] | None) -> None:
+    def record(
+        self, latency_s: float, x: npt.NDArray[np.generic] | None, y: npt.NDArray[np.generic] | None
+    ) -> None:
         """One successful inference: its latency, input and output."""
         with self._lock:
             self.inferences += 1
@@ -128,8 +133,15 @@ class TelemetryWindow:
         with self._lock:
             self.errors += 1
 
-    def close(self, *, device_id: str, seq: int, model: str | None, release: int | None,
-              stats: ProcessStats | None) -> Telemetry:
+    def close(
+        self,
+        *,
+        device_id: str,
+        seq: int,
+        model: str | None,
+        release: int | None,
+        stats: ProcessStats | None,
+    ) -> Telemetry:
         """Turn the current window into a message and start a new window."""
         now = self._clock()
         with self._lock:
@@ -140,8 +152,9 @@ class TelemetryWindow:
         if lat:
             ms = np.asarray(lat) * 1000.0
             p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-            latency = LatencyStats(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
-                                   max_ms=float(ms.max()))
+            latency = LatencyStats(
+                p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99), max_ms=float(ms.max())
+            )
         input_hist = output_hist = None
         if drift is not None:
             if inputs:
@@ -150,16 +163,28 @@ class TelemetryWindow:
                 if feats.shape[1] == drift.baseline.n_features:
                     input_hist = histogram(feats, drift.baseline.edges).tolist()
                 else:
-                    log.warning("input features %d do not match baseline %d",
-                                feats.shape[1], drift.baseline.n_features)
+                    log.warning(
+                        "input features %d do not match baseline %d",
+                        feats.shape[1],
+                        drift.baseline.n_features,
+                    )
             if drift.n_classes > 0:
                 output_hist = [classes.get(i, 0) for i in range(drift.n_classes)]
         cpu, rss = stats.sample() if stats is not None else (None, None)
         return Telemetry(
-            device_id=device_id, seq=seq, window_start=start, window_end=max(now, start),
-            model=model, release=release, inferences=inferences, errors=errors,
-            latency=latency, cpu_percent=cpu, rss_bytes=rss,
-            input_hist=input_hist, output_hist=output_hist,
+            device_id=device_id,
+            seq=seq,
+            window_start=start,
+            window_end=max(now, start),
+            model=model,
+            release=release,
+            inferences=inferences,
+            errors=errors,
+            latency=latency,
+            cpu_percent=cpu,
+            rss_bytes=rss,
+            input_hist=input_hist,
+            output_hist=output_hist,
         )
 
 
@@ -196,3 +221,38 @@ class TelemetryBuffer:
 
     def __len__(self) -> int:
         return len(self._q)
+
+    def save(self, path: Path) -> None:
+        """Persist the waiting windows (atomically), or remove the file when none wait.
+
+        Called after each drain: it writes only while the link is down, so windows
+        survive a reboot of an offline device; at most ``maxlen`` are kept."""
+        with self._lock:
+            pending = [m.model_dump(mode="json", by_alias=True) for m in self._q]
+        try:
+            if pending:
+                atomic_write_json(path, {"dropped": self.dropped, "windows": pending})
+            elif path.exists():
+                path.unlink()
+        except (StorageError, OSError) as e:
+            log.warning("cannot persist %d telemetry windows: %s", len(pending), e)
+
+    def load(self, path: Path) -> int:
+        """Queue windows a previous run persisted; returns how many (bad entries skipped)."""
+        if not path.exists():
+            return 0
+        try:
+            raw = read_json(path)
+            windows = list(raw.get("windows", []))[-self._maxlen :]
+            self.dropped += int(raw.get("dropped", 0))
+        except (StorageError, AttributeError, TypeError, ValueError) as e:
+            log.warning("discarding unreadable telemetry buffer %s: %s", path, e)
+            return 0
+        n = 0
+        for w in windows:
+            try:
+                self.push(Telemetry.model_validate(w))
+                n += 1
+            except ValueError:
+                continue
+        return n

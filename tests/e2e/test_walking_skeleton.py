@@ -79,12 +79,13 @@ def test_release_travels_from_cloud_to_every_device(tmp_path: Path) -> None:
             timeout=30,
         )
         kinds = [e["kind"] for e in _by_id(fleet)["dev-001"]["recent_events"]]  # type: ignore[index,union-attr]
-        assert kinds[-6:] == [
+        assert kinds[-7:] == [
             "downloading",
             "verified",
             "staged",
             "selftest",
             "swapped",
+            "probation_passed",
             "committed",
         ]
 
