@@ -49,6 +49,33 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Make the device key (on the device; it never leaves) and get a certificate."""
+    from device.config import create_csr, enroll_with_token, install_certificate
+
+    if args.cert is not None or args.ca is not None:
+        if args.cert is None or args.ca is None:
+            raise EdgefleetError("give both --cert and --ca to install a certificate")
+        files = install_certificate(args.data_dir, args.cert.read_bytes(), args.ca.read_bytes())
+        print(f"installed certificate {files.cert_file}; the agent now uses mutual TLS")
+        return 0
+    if args.token is not None or args.cloud is not None:
+        if args.token is None or args.cloud is None:
+            raise EdgefleetError("give both --cloud and --token to enroll online")
+        pinned = args.pin_ca.read_bytes() if args.pin_ca is not None else None
+        files = enroll_with_token(args.data_dir, args.cloud, args.token, expected_ca=pinned)
+        print(f"enrolled: certificate {files.cert_file}; the agent now uses mutual TLS")
+        return 0
+    csr = create_csr(args.data_dir, new_key=args.new_key)
+    if args.csr_out is None or str(args.csr_out) == "-":
+        sys.stdout.write(csr.decode())
+    else:
+        args.csr_out.write_bytes(csr)
+        print(f"wrote {args.csr_out}: have it signed with `edgefleet-cloud device enroll --csr`, "
+              "then run `edgefleet-device enroll --cert <cert> --ca <ca>`")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from device.agent import Agent
     from device.config import load_config
@@ -86,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inference-interval", type=float, default=0.0)
     s.add_argument("--telemetry-interval", type=float, default=10.0)
     s.set_defaults(func=cmd_provision)
+
+    s = sub.add_parser("enroll", help="make the device key and CSR, or install a certificate")
+    s.add_argument("--data-dir", type=Path, required=True)
+    s.add_argument("--csr-out", type=Path, help="write the CSR here (default stdout)")
+    s.add_argument("--new-key", action="store_true", help="replace the device key")
+    s.add_argument("--cert", type=Path, help="install this certificate (from the cloud CA)")
+    s.add_argument("--ca", type=Path, help="the cloud CA certificate to install with --cert")
+    s.add_argument("--cloud", help="enroll online at this cloud URL (with --token)")
+    s.add_argument("--token", help="one-time bootstrap token (`edgefleet-cloud device token`)")
+    s.add_argument("--pin-ca", type=Path, help="refuse an online answer with another CA")
+    s.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("run", help="run the agent until SIGTERM")
     s.add_argument("--data-dir", type=Path, required=True)

@@ -9,6 +9,7 @@ session never raises into paho's network thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -18,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.errors import MessageError
+from shared.errors import ConfigError, MessageError
 from shared.messages import Desired, Event, Reported, Status, Telemetry, decode, encode
 from shared.topics import Channel, device_topic
 
-__all__ = ["MqttSession", "TlsSettings"]
+__all__ = ["MqttSession", "TlsSettings", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,26 @@ class TlsSettings:
     ca_file: Path
     cert_file: Path
     key_file: Path
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """A client context for mutual TLS: TLS 1.2 or newer, the broker's certificate
+    checked against the cloud CA *and* the host name, this device's key pair.
+
+    Raises ``ConfigError`` naming the file that is missing or unusable."""
+    for what, path in (("CA certificate", tls.ca_file), ("device certificate", tls.cert_file),
+                       ("device key", tls.key_file)):
+        if not Path(path).is_file():
+            raise ConfigError(f"TLS {what} {path} does not exist: enroll the device "
+                              "(`edgefleet-device enroll`)")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(f"TLS files {tls.cert_file} / {tls.key_file} / {tls.ca_file} are "
+                          f"unusable: {e}") from e
+    return ctx
 
 
 class MqttSession:
@@ -76,10 +97,7 @@ class MqttSession:
         self._client.max_queued_messages_set(MAX_OFFLINE_QUEUE)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         if tls is not None:
-            self._client.tls_set(
-                ca_certs=str(tls.ca_file), certfile=str(tls.cert_file),
-                keyfile=str(tls.key_file), tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            self._client.tls_set_context(tls_context(tls))
         if username is not None:
             self._client.username_pw_set(username, password)
         self._client.will_set(
@@ -90,6 +108,12 @@ class MqttSession:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+
+    @property
+    def mqtt_client(self) -> mqtt.Client:
+        """The paho client, for protocols that share this connection (the MQTT
+        repository fetcher: a secure broker allows one connection per device)."""
+        return self._client
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -109,10 +133,8 @@ class MqttSession:
                               agent_version=self.agent_version, ts=self._clock())),
                 qos=1, retain=True,
             )
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
