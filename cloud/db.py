@@ -52,7 +52,7 @@ class Database:
 
     def create_all(self) -> None:
         """Create every table whose module has been imported (idempotent)."""
-        import cloud.auth  # noqa: F401  (registers its tables)
+        import cloud.auth, cloud.ingest.tables, cloud.registry.tables  # noqa: E401, F401, I001
 
         Base.metadata.create_all(self.engine)
 

@@ -2,19 +2,25 @@
 
 The signed targets metadata is the source of truth for what a release *is*
 (its manifest travels in the target's ``custom`` field); this service numbers
-releases, lays out their targets and reads them back.
+releases, lays out their targets and reads them back. Given a database, it
+also records every release it publishes in the model registry
+(``cloud.registry``): the rows are inserted in a transaction held open around
+the TUF publish, so a clash (the release number was just taken) stops the
+publish, and a failed publish leaves no row behind.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+import threading
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from shared.errors import ManifestError, ReleaseError
 from shared.manifest import MODEL_FILE, ReleaseManifest
 
 if TYPE_CHECKING:
+    from cloud.db import Database
     from cloud.pipeline.artifacts import ReleaseArtifacts
     from cloud.tuf_repo import ReleaseRepository
 
@@ -30,10 +36,15 @@ class UnknownReleaseError(ReleaseError):
 
 
 class ReleaseService:
-    """Publishes and looks up releases in one TUF repository."""
+    """Publishes and looks up releases in one TUF repository (and registry, given ``db``)."""
 
-    def __init__(self, repo: ReleaseRepository) -> None:
+    #: Numbering and publishing are one step per process; the repository's
+    #: file lock and the registry's unique (model, release) cover other processes.
+    _publish_lock = threading.Lock()
+
+    def __init__(self, repo: ReleaseRepository, db: Database | None = None) -> None:
         self.repo = repo
+        self.db = db
 
     def releases(self, model: str | None = None) -> list[ReleaseManifest]:
         """Every published release (optionally of one model), oldest first."""
@@ -68,19 +79,44 @@ class ReleaseService:
         latest = self.latest(model)
         return 1 if latest is None else latest.release + 1
 
-    def publish(self, model_name: str, artifacts: ReleaseArtifacts,
-                now: datetime | None = None) -> ReleaseManifest:
-        """Sign and publish ``artifacts`` as the next release of ``model_name``."""
+    def publish(
+        self,
+        model_name: str,
+        artifacts: ReleaseArtifacts,
+        now: datetime | None = None,
+        *,
+        published_by: str | None = None,
+        candidate_id: int | None = None,
+    ) -> ReleaseManifest:
+        """Sign and publish ``artifacts`` as the next release of ``model_name``.
+
+        With a database, the release (and its lineage, or the registry
+        candidate ``candidate_id`` it came from) is recorded, attributed to
+        ``published_by``.
+        """
+        from cloud.deltas import add_deltas
         from cloud.pipeline.artifacts import make_manifest
 
-        now = now or datetime.now(timezone.utc)
-        release = self.next_release_number(model_name)
-        manifest = make_manifest(artifacts, model_name, release, created_at=now.timestamp())
-        files = {manifest.model_target: artifacts.model_bytes,
-                 manifest.selftest.target: artifacts.selftest_bytes}
-        if manifest.drift is not None:
-            files[manifest.drift.target] = artifacts.baseline_bytes
-        self.repo.publish(files, {manifest.model_target: manifest.to_custom()}, now=now)
+        now = now or datetime.now(UTC)
+        with self._publish_lock:
+            release = self.next_release_number(model_name)
+            manifest = make_manifest(artifacts, model_name, release, created_at=now.timestamp())
+            manifest, delta_files = add_deltas(self.repo, manifest, artifacts.model_bytes)
+            files = {manifest.model_target: artifacts.model_bytes,
+                     manifest.selftest.target: artifacts.selftest_bytes, **delta_files}
+            if manifest.drift is not None and artifacts.baseline_bytes is not None:
+                files[manifest.drift.target] = artifacts.baseline_bytes
+            custom = {manifest.model_target: manifest.to_custom()}
+            if self.db is None:
+                self.repo.publish(files, custom, now=now)
+            else:
+                from cloud.registry.records import record_release
+
+                with self.db.session() as s:
+                    record_release(s, manifest, artifacts, published_by=published_by,
+                                   candidate_id=candidate_id, published_at=now.timestamp())
+                    self.repo.publish(files, custom, now=now)
         log.info("published release", extra={"model": model_name, "release": release,
-                                              "quantization": manifest.quantization})
+                                              "quantization": manifest.quantization,
+                                              "published_by": published_by})
         return manifest

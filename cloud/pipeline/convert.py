@@ -233,6 +233,7 @@ def convert(
     *,
     seed: int = 0,
     max_calibration_samples: int = DEFAULT_MAX_CALIBRATION_SAMPLES,
+    per_channel: bool = True,
 ) -> bytes:
     """Convert ``model`` to TFLite flatbuffer bytes in quantization ``mode``.
 
@@ -240,6 +241,9 @@ def convert(
     ``LoadedModel``. ``calibration`` holds real-valued inputs ``(N, ...)``; it
     is required for ``int8`` and ``int16x8`` and ignored otherwise. At most
     ``max_calibration_samples`` of them are used, chosen with ``seed``.
+    ``per_channel=False`` quantizes conv/dense weights with one scale per tensor
+    instead of one per output channel: smaller (no per-channel scales and int64
+    zero points) but usually less accurate; ``bench/quantize.py`` measures both.
 
     Raises ``PipelineError`` for an unknown mode, calibration data of the
     wrong shape, or a model the converter cannot handle (the converter's own
@@ -253,7 +257,7 @@ def convert(
         if mode in CALIBRATED_MODES:
             checked = _check_calibration(calibration, signature, mode)
             samples = sample_calibration(checked, max_samples=max_calibration_samples, seed=seed)
-        return _convert_saved_model(saved_model_dir, signature, mode, samples)
+        return _convert_saved_model(saved_model_dir, signature, mode, samples, per_channel)
 
 
 def _convert_saved_model(
@@ -261,6 +265,7 @@ def _convert_saved_model(
     signature: InputSignature,
     mode: str,
     samples: npt.NDArray[np.float32] | None,
+    per_channel: bool = True,
 ) -> bytes:
     import tensorflow as tf
 
@@ -269,6 +274,9 @@ def _convert_saved_model(
     )
     if mode != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if not per_channel:
+        # Private converter switch (TF 2.x); it only exists as an underscore attribute.
+        converter._experimental_disable_per_channel = True
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if samples is not None:

@@ -10,6 +10,12 @@ with a ``PipelineError`` that names the op.
 Inputs are always given as real values; ``quantize_input`` maps them into the
 model's input dtype the way a device must (``q = round(x / scale + zp)``,
 clipped to the dtype's range).
+
+Latency is the CPU time of one ``invoke`` on the calling thread (LiteRT with
+one thread runs XNNPACK inline), the median over rounds after a warm-up. On
+an idle core that *is* the wall-clock latency; on a shared build machine wall
+clock also counts the time other processes held the core, which made the
+int8/float32 ratio swing by +-40% between runs (see ``bench/quantize.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 #: Invokes timed for the latency median; warm-up invokes are not counted.
 DEFAULT_LATENCY_RUNS = 200
 _WARMUP_RUNS = 10
+#: Latency rounds; the median of their per-invoke means is reported.
+_LATENCY_ROUNDS = 20
 _MAX_NAME = 256
 _UNRESOLVED = re.compile(r"unresolved custom op: ([^\s.]+)|builtin opcode '([^']+)'", re.I)
 
@@ -59,10 +67,13 @@ def litert_version() -> str:
         return "unknown"
 
 
-def _interpreter(model_bytes: bytes, num_threads: int) -> Any:
-    from ai_edge_litert.interpreter import Interpreter
+def _interpreter(model_bytes: bytes, num_threads: int, *, xnnpack: bool = True) -> Any:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_content=model_bytes, num_threads=num_threads)
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = Interpreter(
+        model_content=model_bytes, num_threads=num_threads, experimental_op_resolver_type=resolver
+    )
     interpreter.allocate_tensors()
     return interpreter
 
@@ -131,6 +142,17 @@ def inspect_model(model_bytes: bytes) -> ModelInfo:
                 f"(runtime said: {detail})"
             ) from e
         raise PipelineError(f"the device runtime cannot load this model: {detail}") from e
+    try:
+        # Devices run XNNPACK (the default delegate) too, but it may decline an op on
+        # another CPU or build; LiteRT's own kernels must then prepare it, and they
+        # check more (e.g. quantization multipliers that would overflow).
+        _interpreter(model_bytes, num_threads=1, xnnpack=False)
+    except (RuntimeError, ValueError) as e:
+        detail = " ".join(str(e).split())[:500]
+        raise PipelineError(
+            "the device runtime loads this model only through XNNPACK; its builtin kernels "
+            f"refuse it, so a device where XNNPACK declines an op could not run it: {detail}"
+        ) from e
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1:
         raise PipelineError(
@@ -167,6 +189,7 @@ class Runner:
     """
 
     def __init__(self, model_bytes: bytes, *, num_threads: int = 1) -> None:
+        self.num_threads = num_threads
         self._interpreter = _interpreter(model_bytes, num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
@@ -194,17 +217,28 @@ class Runner:
         return dequantize(self.run_raw(quantize_input(x, self.input_spec)), self.output_spec)
 
     def latency_s(self, sample: npt.NDArray[np.generic], runs: int) -> float:
-        """Median seconds of one ``invoke`` on one real-valued sample."""
+        """Seconds of one ``invoke`` on one real-valued sample: the median over rounds.
+
+        ``runs`` invokes are timed in up to ``_LATENCY_ROUNDS`` rounds (timing
+        each invoke alone would add the clock's own cost to a 10 us model).
+        With one thread the clock is the thread's CPU time, which other
+        processes on the machine cannot inflate; with more, wall clock.
+        """
         self._interpreter.set_tensor(
             self._input["index"], quantize_input(np.asarray(sample)[np.newaxis], self.input_spec)
         )
         for _ in range(_WARMUP_RUNS):
             self._interpreter.invoke()
+        runs = max(1, runs)
+        rounds = min(runs, _LATENCY_ROUNDS)
+        per_round = max(1, runs // rounds)
+        clock = time.thread_time_ns if self.num_threads == 1 else time.perf_counter_ns
         times = []
-        for _ in range(max(1, runs)):
-            started = time.perf_counter_ns()
-            self._interpreter.invoke()
-            times.append(time.perf_counter_ns() - started)
+        for _ in range(rounds):
+            started = clock()
+            for _ in range(per_round):
+                self._interpreter.invoke()
+            times.append((clock() - started) / per_round)
         return statistics.median(times) / 1e9
 
 
