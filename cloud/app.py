@@ -21,6 +21,8 @@ from cloud.api.deps import CloudContext
 from cloud.config import CloudSettings
 from cloud.db import Database
 from cloud.fleet import FleetView
+from cloud.ingest.services import Observability
+from cloud.metrics import ApiLatencyMiddleware
 from cloud.mqtt_bridge import CloudMqtt
 from cloud.releases import ReleaseService
 from cloud.tuf_repo import ReleaseRepository
@@ -63,6 +65,7 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
                 share_group=settings.ingest_group,
             )
             ctx.mqtt.start()
+        app.state.observability.start(ctx, ingest=connect_mqtt)
         repo.refresh()
         refresher = threading.Thread(
             target=_refresh_loop, args=(ctx, stop), daemon=True, name="tuf-refresh"
@@ -72,6 +75,7 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
             yield
         finally:
             stop.set()
+            app.state.observability.stop()
             if ctx.mqtt is not None:
                 ctx.mqtt.stop()
             db.dispose()
@@ -80,6 +84,9 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
     app.state.ctx = CloudContext(
         settings=settings, db=db, repo=repo, releases=ReleaseService(repo), fleet=fleet, mqtt=None
     )
+    # Telemetry ingest, drift monitor, retrain loop, /metrics (cloud.ingest.services).
+    app.state.observability = Observability.create(settings, db, fleet, app.state.ctx.releases)
+    app.add_middleware(ApiLatencyMiddleware, metrics=app.state.observability.metrics)
     # Devices fetch TUF metadata and targets here (HTTP Range requests supported).
     app.mount("/tuf", StaticFiles(directory=settings.repo_dir, check_dir=True), name="tuf")
     for router in ROUTERS:

@@ -29,6 +29,23 @@ class CloudSettings(BaseSettings):
     database_url: str | None = None
     #: Serve the operator API without tokens. Local experiments only: logs a warning.
     unsafe_disable_auth: bool = False
+    # -- observability (cloud.ingest, cloud.drift_monitor, cloud.retrain) --
+    #: Telemetry ingest workers this process runs (0: run ``edgefleet-cloud ingest`` apart).
+    ingest_workers: int = Field(default=1, ge=0, le=64)
+    #: Share group of the storing workers (apart from ``ingest_group``, which feeds the
+    #: live fleet view) and the stable prefix of their client ids (persistent sessions).
+    ingest_store_group: str = "edgefleet-store"
+    ingest_client_prefix: str = "edgefleet-ingest"
+    #: Drift is judged per window of this many seconds, once it holds enough samples.
+    drift_window_seconds: float = Field(default=60.0, gt=0)
+    drift_min_samples: int = Field(default=500, ge=1)
+    #: Alert when ``drift_k`` of the last ``drift_m`` windows exceed the threshold.
+    drift_threshold: float = Field(default=0.2, gt=0)
+    drift_k: int = Field(default=2, ge=1)
+    drift_m: int = Field(default=3, ge=1)
+    #: Retraining job a drift alert starts (``digits-shift``, or a command); none by default.
+    retrain_job: str | None = None
+    retrain_canary_devices: int = Field(default=1, ge=1)
 
     @property
     def db_url(self) -> str:

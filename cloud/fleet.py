@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,10 @@ class DeviceView:
     inferences_total: int = 0
     errors_total: int = 0
     last_telemetry: Telemetry | None = None
+    last_telemetry_at: float | None = None
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
+    #: ``issued_at`` of the desired state this device was last seen to reach (metrics).
+    reached_issued_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         r, t = self.reported, self.last_telemetry
@@ -51,6 +55,7 @@ class DeviceView:
             "inferences_total": self.inferences_total,
             "errors_total": self.errors_total,
             "latency_p99_ms": t.latency.p99_ms if t and t.latency else None,
+            "last_telemetry_at": self.last_telemetry_at,
             "hardware": r.hardware.model_dump() if r else None,
             "recent_events": [
                 {
@@ -65,13 +70,21 @@ class DeviceView:
 
 
 class FleetView:
-    """Thread-safe map of device id to ``DeviceView``."""
+    """Thread-safe map of device id to ``DeviceView``.
+
+    Observers (``cloud.metrics``) may set ``on_event`` (a new lifecycle event:
+    kind) and ``on_update_reached`` (seconds from a desired state being issued
+    to the device reporting it runs that release); they run under the lock and
+    must be quick.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceView] = {}
         self.invalid_messages = 0
         self.messages = 0
+        self.on_event: Callable[[str], None] | None = None
+        self.on_update_reached: Callable[[float], None] | None = None
 
     def _get(self, device_id: str) -> DeviceView:
         view = self._devices.get(device_id)
@@ -92,14 +105,54 @@ class FleetView:
             view.last_seen = received_at
             if isinstance(msg, Reported):
                 view.reported = msg
+                self._check_reached(view, received_at)
             elif isinstance(msg, Event):
+                # QoS 1 may deliver twice: count an event once, by its sequence number.
+                new = not view.events or msg.seq > view.events[-1].seq
+                if new and self.on_event is not None:
+                    self.on_event(msg.kind.value)
                 view.events.append(msg)
             elif isinstance(msg, Telemetry):
                 view.inferences_total += msg.inferences
                 view.errors_total += msg.errors
                 view.last_telemetry = msg
+                view.last_telemetry_at = received_at
             elif isinstance(msg, Desired):
                 view.desired = msg
+
+    def _check_reached(self, view: DeviceView, now: float) -> None:
+        d, r = view.desired, view.reported
+        if d is None or r is None or view.reached_issued_at == d.issued_at:
+            return
+        running = r.state.value in ("idle", "committed")
+        if running and r.model == d.model and r.release == d.release:
+            view.reached_issued_at = d.issued_at
+            if self.on_update_reached is not None:
+                self.on_update_reached(max(now - d.issued_at, 0.0))
+
+    def release_counts(self) -> dict[tuple[str, int], int]:
+        """How many devices report running each (model, release)."""
+        with self._lock:
+            out: dict[tuple[str, int], int] = {}
+            for v in self._devices.values():
+                r = v.reported
+                if r is not None and r.model is not None and r.release is not None:
+                    out[(r.model, r.release)] = out.get((r.model, r.release), 0) + 1
+            return out
+
+    def online_count(self) -> tuple[int, int]:
+        """(online devices, known devices)."""
+        with self._lock:
+            return sum(1 for v in self._devices.values() if v.online), len(self._devices)
+
+    def telemetry_ages(self, now: float) -> list[float]:
+        """Seconds since the newest telemetry of each online device that sent any."""
+        with self._lock:
+            return [
+                now - v.last_telemetry_at
+                for v in self._devices.values()
+                if v.online and v.last_telemetry_at is not None
+            ]
 
     def record_invalid(self) -> None:
         with self._lock:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cloud.api import devices, enroll, releases, system
+from cloud.api import devices, enroll, models, observability, releases, system
 
 __all__ = ["ROUTERS"]
 
-ROUTERS: list[APIRouter] = [system.router, releases.router, devices.router, enroll.router]
+ROUTERS: list[APIRouter] = [system.router, releases.router, devices.router, enroll.router,
+                            models.router, observability.router]

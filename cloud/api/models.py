@@ -29,7 +29,8 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -97,7 +98,7 @@ def _registered(request: Request, ctx: Annotated[CloudContext, Depends(_ctx)]) -
 
 Reg = Annotated[Registered, Depends(_registered)]
 #: Database ids fit a signed 64-bit column; larger path values are a 422, not a 500.
-DbId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+DbId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 class CandidateIn(BaseModel):
