@@ -63,6 +63,7 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
                 on_message=fleet.apply,
                 on_invalid=lambda topic, why: fleet.record_invalid(),
                 share_group=settings.ingest_group,
+                tls=settings.broker_tls,
             )
             ctx.mqtt.start()
         app.state.observability.start(ctx, ingest=connect_mqtt)
@@ -82,7 +83,12 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
 
     app = FastAPI(title="edgefleet cloud", version=__version__, lifespan=lifespan)
     app.state.ctx = CloudContext(
-        settings=settings, db=db, repo=repo, releases=ReleaseService(repo), fleet=fleet, mqtt=None
+        settings=settings,
+        db=db,
+        repo=repo,
+        releases=ReleaseService(repo, db=db),
+        fleet=fleet,
+        mqtt=None,
     )
     # Telemetry ingest, drift monitor, retrain loop, /metrics (cloud.ingest.services).
     app.state.observability = Observability.create(settings, db, fleet, app.state.ctx.releases)

@@ -29,6 +29,25 @@ class CloudSettings(BaseSettings):
     database_url: str | None = None
     #: Serve the operator API without tokens. Local experiments only: logs a warning.
     unsafe_disable_auth: bool = False
+    #: Mutual TLS to the broker (files from ``edgefleet-cloud ca init --service``):
+    #: the cloud CA, and this service's certificate and key. Unset: plain MQTT
+    #: (a broker on loopback for local runs only).
+    broker_tls_ca: Path | None = None
+    broker_tls_cert: Path | None = None
+    broker_tls_key: Path | None = None
+
+    @property
+    def broker_tls(self) -> dict[str, str] | None:
+        """The TLS settings in the form ``CloudMqtt(tls=...)`` takes, or ``None``."""
+        if self.broker_tls_ca is None:
+            return None
+        tls = {"ca_file": str(self.broker_tls_ca)}
+        if self.broker_tls_cert is not None:
+            tls["cert_file"] = str(self.broker_tls_cert)
+        if self.broker_tls_key is not None:
+            tls["key_file"] = str(self.broker_tls_key)
+        return tls
+
     # -- observability (cloud.ingest, cloud.drift_monitor, cloud.retrain) --
     #: Telemetry ingest workers this process runs (0: run ``edgefleet-cloud ingest`` apart).
     ingest_workers: int = Field(default=1, ge=0, le=64)

@@ -216,8 +216,16 @@ def publish_digits_on_shift(
             artifacts = dataclasses.replace(
                 artifacts, baseline_bytes=_with_output_reference(artifacts.baseline_bytes, outputs)
             )
-    service = ReleaseService(ReleaseRepository.open(data_dir / "repository", data_dir / "keys"))
-    manifest = service.publish(model_name, artifacts)
+    from cloud.config import CloudSettings
+    from cloud.db import Database
+
+    db = Database(CloudSettings(data_dir=data_dir).db_url)
+    db.create_all()
+    # With the database the release is also recorded in the model registry.
+    service = ReleaseService(
+        ReleaseRepository.open(data_dir / "repository", data_dir / "keys"), db=db
+    )
+    manifest = service.publish(model_name, artifacts, published_by="retrain-job")
     return {
         "model": manifest.model,
         "release": manifest.release,

@@ -21,7 +21,12 @@ def cmd_release_digits(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     repo = ReleaseRepository.open_or_init(settings.repo_dir, settings.keys_dir)
-    service = ReleaseService(repo)
+    from cloud.db import Database
+
+    db = Database(settings.db_url)
+    db.create_all()
+    # With the database, the release is also recorded in the model registry.
+    service = ReleaseService(repo, db=db)
     splits = load_digits_splits(seed=args.seed)
     print(f"training digits CNN (variant {args.variant}, {args.epochs} epochs) ...", flush=True)
     model = train_digits_cnn(splits, epochs=args.epochs, seed=args.seed, variant=args.variant)
