@@ -1,4 +1,5 @@
-"""``edgefleet-sim``: the end-to-end demo and simulated devices."""
+"""``edgefleet-sim``: the end-to-end demo, simulated devices and fleets, faults,
+scenarios, and the QEMU arm64 device."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from firmware_sim import commands
+from firmware_sim.qemu import cli as qemu_cli
 from shared.errors import EdgefleetError
 
 __all__ = ["main"]
@@ -23,10 +26,13 @@ def cmd_device(args: argparse.Namespace) -> int:
     from device.agent import Agent
     from device.cli import run_agent
     from device.config import load_config
-    from firmware_sim.sensors import DigitsSensor, Drift
+    from firmware_sim.control import ControlledSensor
+    from firmware_sim.sensors import Drift
 
     cfg = load_config(args.data_dir)
-    sensor = DigitsSensor(seed=args.seed, drift=Drift(args.drift, args.drift_amount))
+    sensor = ControlledSensor(
+        cfg.device_id, args.drift_file, seed=args.seed, drift=Drift(args.drift, args.drift_amount)
+    )
     return run_agent(Agent(cfg, sensor))
 
 
@@ -46,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--drift", default="none", choices=["none", "noise", "shift", "rotation"])
     s.add_argument("--drift-amount", type=float, default=0.0)
+    s.add_argument(
+        "--drift-file",
+        type=Path,
+        help="follow this drift control file at run time (see docs/SIMULATOR.md)",
+    )
     s.set_defaults(func=cmd_device)
+
+    commands.register(sub)
+    qemu_cli.register(sub)
     return p
 
 
