@@ -102,8 +102,11 @@ class ReleaseService:
             release = self.next_release_number(model_name)
             manifest = make_manifest(artifacts, model_name, release, created_at=now.timestamp())
             manifest, delta_files = add_deltas(self.repo, manifest, artifacts.model_bytes)
-            files = {manifest.model_target: artifacts.model_bytes,
-                     manifest.selftest.target: artifacts.selftest_bytes, **delta_files}
+            files = {
+                manifest.model_target: artifacts.model_bytes,
+                manifest.selftest.target: artifacts.selftest_bytes,
+                **delta_files,
+            }
             if manifest.drift is not None and artifacts.baseline_bytes is not None:
                 files[manifest.drift.target] = artifacts.baseline_bytes
             custom = {manifest.model_target: manifest.to_custom()}
@@ -113,10 +116,22 @@ class ReleaseService:
                 from cloud.registry.records import record_release
 
                 with self.db.session() as s:
-                    record_release(s, manifest, artifacts, published_by=published_by,
-                                   candidate_id=candidate_id, published_at=now.timestamp())
+                    record_release(
+                        s,
+                        manifest,
+                        artifacts,
+                        published_by=published_by,
+                        candidate_id=candidate_id,
+                        published_at=now.timestamp(),
+                    )
                     self.repo.publish(files, custom, now=now)
-        log.info("published release", extra={"model": model_name, "release": release,
-                                              "quantization": manifest.quantization,
-                                              "published_by": published_by})
+        log.info(
+            "published release",
+            extra={
+                "model": model_name,
+                "release": release,
+                "quantization": manifest.quantization,
+                "published_by": published_by,
+            },
+        )
         return manifest

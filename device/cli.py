@@ -26,6 +26,7 @@ def _source(spec: str):  # type: ignore[no-untyped-def]
 
 def run_agent(agent) -> int:  # type: ignore[no-untyped-def]
     """Run an agent until SIGTERM/SIGINT, then stop it cleanly."""
+
     def _stop(signum: int, frame: FrameType | None) -> None:
         agent._stop.set()
 
@@ -40,11 +41,17 @@ def run_agent(agent) -> int:  # type: ignore[no-untyped-def]
 def cmd_provision(args: argparse.Namespace) -> int:
     from device.config import provision
 
-    path = provision(args.data_dir, device_id=args.device_id, root_file=args.root,
-                     broker_host=args.broker_host, broker_port=args.broker_port,
-                     repo_url=args.repo_url, inference_threads=args.inference_threads,
-                     inference_interval=args.inference_interval,
-                     telemetry_interval=args.telemetry_interval)
+    path = provision(
+        args.data_dir,
+        device_id=args.device_id,
+        root_file=args.root,
+        broker_host=args.broker_host,
+        broker_port=args.broker_port,
+        repo_url=args.repo_url,
+        inference_threads=args.inference_threads,
+        inference_interval=args.inference_interval,
+        telemetry_interval=args.telemetry_interval,
+    )
     print(f"provisioned {args.device_id}: {path}")
     return 0
 
@@ -71,8 +78,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         sys.stdout.write(csr.decode())
     else:
         args.csr_out.write_bytes(csr)
-        print(f"wrote {args.csr_out}: have it signed with `edgefleet-cloud device enroll --csr`, "
-              "then run `edgefleet-device enroll --cert <cert> --ca <ca>`")
+        print(
+            f"wrote {args.csr_out}: have it signed with `edgefleet-cloud device enroll --csr`, "
+            "then run `edgefleet-device enroll --cert <cert> --ca <ca>`"
+        )
     return 0
 
 
@@ -138,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except EdgefleetError as e:

@@ -33,14 +33,26 @@ __all__ = [
 
 CONFIG_NAME = "agent.toml"
 _KEYS = {
-    "device_id": str, "broker_host": str, "broker_port": int, "repo_url": str,
-    "inference_threads": int, "inference_interval": float, "telemetry_interval": float,
-    "interpreter_threads": int, "hardware_tags": list, "tls_ca": str, "tls_cert": str,
+    "device_id": str,
+    "broker_host": str,
+    "broker_port": int,
+    "repo_url": str,
+    "inference_threads": int,
+    "inference_interval": float,
+    "telemetry_interval": float,
+    "interpreter_threads": int,
+    "hardware_tags": list,
+    "tls_ca": str,
+    "tls_cert": str,
     "tls_key": str,
     # update / probation policy (see device.agent.AgentConfig)
-    "probation_s": float, "probation_min_inferences": int, "probation_max_s": float,
-    "probation_max_error_rate": float, "probation_max_latency_ratio": float,
-    "max_update_crashes": int, "use_deltas": bool,
+    "probation_s": float,
+    "probation_min_inferences": int,
+    "probation_max_s": float,
+    "probation_max_error_rate": float,
+    "probation_max_latency_ratio": float,
+    "max_update_crashes": int,
+    "use_deltas": bool,
 }
 
 
@@ -56,8 +68,16 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def provision(data_dir: Path, *, device_id: str, root_file: Path, broker_host: str,
-              broker_port: int, repo_url: str, **extra: Any) -> Path:
+def provision(
+    data_dir: Path,
+    *,
+    device_id: str,
+    root_file: Path,
+    broker_host: str,
+    broker_port: int,
+    repo_url: str,
+    **extra: Any,
+) -> Path:
     """Create a device data dir: config file plus trust anchor. Returns the config path."""
     try:
         validate_device_id(device_id)
@@ -71,13 +91,19 @@ def provision(data_dir: Path, *, device_id: str, root_file: Path, broker_host: s
     except (OSError, ValueError) as e:
         raise ConfigError(f"root metadata {root_file} is unreadable: {e}") from e
     atomic_write_bytes(data_dir / "trust" / "root.json", root)
-    values = {"device_id": device_id, "broker_host": broker_host, "broker_port": broker_port,
-              "repo_url": repo_url, **extra}
+    values = {
+        "device_id": device_id,
+        "broker_host": broker_host,
+        "broker_port": broker_port,
+        "repo_url": repo_url,
+        **extra,
+    }
     unknown = set(values) - set(_KEYS)
     if unknown:
         raise ConfigError(f"unknown agent settings: {sorted(unknown)}")
     text = "# edgefleet device agent\n" + "".join(
-        f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None)
+        f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None
+    )
     cfg_path = data_dir / CONFIG_NAME
     atomic_write_bytes(cfg_path, text.encode())
     return cfg_path
@@ -107,8 +133,11 @@ def load_config(data_dir: Path, **overrides: Any) -> AgentConfig:
             raise ConfigError(f"{path}: missing required setting {key!r}")
     tls = None
     if "tls_ca" in raw:
-        tls = TlsSettings(ca_file=Path(raw.pop("tls_ca")), cert_file=Path(raw.pop("tls_cert")),
-                          key_file=Path(raw.pop("tls_key")))
+        tls = TlsSettings(
+            ca_file=Path(raw.pop("tls_ca")),
+            cert_file=Path(raw.pop("tls_cert")),
+            key_file=Path(raw.pop("tls_key")),
+        )
     if not (data_dir / "trust" / "root.json").exists():
         raise ConfigError(f"no trust anchor at {data_dir}/trust/root.json: provision the device")
     return AgentConfig(data_dir=data_dir, tls=tls, **raw)
@@ -138,8 +167,9 @@ ENROLL_TIMEOUT_S = 30.0
 def identity_files(data_dir: Path) -> TlsSettings:
     """Where a device keeps its CA certificate, certificate and private key."""
     base = Path(data_dir) / IDENTITY_DIR
-    return TlsSettings(ca_file=base / CA_CERT, cert_file=base / DEVICE_CERT,
-                       key_file=base / DEVICE_KEY)
+    return TlsSettings(
+        ca_file=base / CA_CERT, cert_file=base / DEVICE_CERT, key_file=base / DEVICE_KEY
+    )
 
 
 def _configured_device_id(data_dir: Path) -> str:
@@ -147,8 +177,7 @@ def _configured_device_id(data_dir: Path) -> str:
     try:
         device_id = tomllib.loads(path.read_text()).get("device_id")
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot read {path} ({e}): provision the device before enrolling") \
-            from e
+        raise ConfigError(f"cannot read {path} ({e}): provision the device before enrolling") from e
     if not isinstance(device_id, str):
         raise ConfigError(f"{path} has no device_id: provision the device before enrolling")
     return device_id
@@ -169,8 +198,11 @@ def create_csr(data_dir: Path, *, new_key: bool = False) -> bytes:
     key: ec.EllipticCurvePrivateKey
     if new_key or not files.key_file.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         files.key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_bytes(files.key_file, pem)  # mkstemp: 0600
         os.chmod(files.key_file, 0o600)
@@ -179,9 +211,11 @@ def create_csr(data_dir: Path, *, new_key: bool = False) -> bytes:
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{files.key_file} is not an EC key; enroll with a new key")
         key = loaded
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
     data = csr.public_bytes(serialization.Encoding.PEM)
     atomic_write_bytes(files.key_file.parent / DEVICE_CSR, data)
     return data
@@ -209,8 +243,10 @@ def install_certificate(data_dir: Path, cert_pem: bytes, ca_pem: bytes) -> TlsSe
     device_id = _configured_device_id(data_dir)
     files = identity_files(data_dir)
     if not files.key_file.exists():
-        raise ConfigError(f"no device key at {files.key_file}: run `edgefleet-device enroll` "
-                          "to make one and a CSR first")
+        raise ConfigError(
+            f"no device key at {files.key_file}: run `edgefleet-device enroll` "
+            "to make one and a CSR first"
+        )
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -220,28 +256,42 @@ def install_certificate(data_dir: Path, cert_pem: bytes, ca_pem: bytes) -> TlsSe
     if cns != [device_id]:
         raise ConfigError(f"the certificate is for {cns}, this device is {device_id!r}")
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if cert.public_key().public_bytes(*spki) != _load_key(files.key_file).public_key() \
-            .public_bytes(*spki):
-        raise ConfigError("the certificate does not match this device's key (was the CSR made "
-                          "on another device, or the key replaced since?)")
+    if cert.public_key().public_bytes(*spki) != _load_key(files.key_file).public_key().public_bytes(
+        *spki
+    ):
+        raise ConfigError(
+            "the certificate does not match this device's key (was the CSR made "
+            "on another device, or the key replaced since?)"
+        )
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as e:
         raise ConfigError(f"the certificate was not issued by the given CA: {e!r}") from e
     now = datetime.now(UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ConfigError(f"the certificate is valid from {cert.not_valid_before_utc} to "
-                          f"{cert.not_valid_after_utc}, not now")
+        raise ConfigError(
+            f"the certificate is valid from {cert.not_valid_before_utc} to "
+            f"{cert.not_valid_after_utc}, not now"
+        )
     atomic_write_bytes(files.ca_file, ca_pem)
     atomic_write_bytes(files.cert_file, cert_pem)
-    _update_config(data_dir, tls_ca=str(files.ca_file), tls_cert=str(files.cert_file),
-                   tls_key=str(files.key_file))
+    _update_config(
+        data_dir,
+        tls_ca=str(files.ca_file),
+        tls_cert=str(files.cert_file),
+        tls_key=str(files.key_file),
+    )
     return files
 
 
-def enroll_with_token(data_dir: Path, cloud_url: str, token: str, *,
-                      expected_ca: bytes | None = None,
-                      timeout: float = ENROLL_TIMEOUT_S) -> TlsSettings:
+def enroll_with_token(
+    data_dir: Path,
+    cloud_url: str,
+    token: str,
+    *,
+    expected_ca: bytes | None = None,
+    timeout: float = ENROLL_TIMEOUT_S,
+) -> TlsSettings:
     """Enroll online: send a CSR and the one-time bootstrap token to the cloud.
 
     ``expected_ca`` pins the CA certificate (recommended unless ``cloud_url`` is
@@ -253,8 +303,11 @@ def enroll_with_token(data_dir: Path, cloud_url: str, token: str, *,
         raise ConfigError(f"cloud URL {cloud_url!r} must start with http:// or https://")
     body = json.dumps({"token": token, "csr": create_csr(data_dir).decode()}).encode()
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
-        cloud_url.rstrip("/") + "/api/v1/enroll", data=body, method="POST",
-        headers={"Content-Type": "application/json"})
+        cloud_url.rstrip("/") + "/api/v1/enroll",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             raw = resp.read(MAX_ENROLL_RESPONSE_BYTES + 1)
@@ -271,8 +324,10 @@ def enroll_with_token(data_dir: Path, cloud_url: str, token: str, *,
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"the enrollment response is malformed: {e}") from e
     if expected_ca is not None and ca.strip() != expected_ca.strip():
-        raise ConfigError("the cloud answered with another CA certificate than the pinned one; "
-                          "refusing (is something between this device and the cloud?)")
+        raise ConfigError(
+            "the cloud answered with another CA certificate than the pinned one; "
+            "refusing (is something between this device and the cloud?)"
+        )
     return install_certificate(data_dir, cert, ca)
 
 
@@ -284,5 +339,6 @@ def _update_config(data_dir: Path, **values: Any) -> None:
         raise ConfigError(f"cannot update {path}: {e}") from e
     raw.update(values)
     text = "# edgefleet device agent\n" + "".join(
-        f"{k} = {_toml_value(v)}\n" for k, v in raw.items() if v is not None)
+        f"{k} = {_toml_value(v)}\n" for k, v in raw.items() if v is not None
+    )
     atomic_write_bytes(path, text.encode())

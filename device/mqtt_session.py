@@ -49,18 +49,23 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     checked against the cloud CA *and* the host name, this device's key pair.
 
     Raises ``ConfigError`` naming the file that is missing or unusable."""
-    for what, path in (("CA certificate", tls.ca_file), ("device certificate", tls.cert_file),
-                       ("device key", tls.key_file)):
+    for what, path in (
+        ("CA certificate", tls.ca_file),
+        ("device certificate", tls.cert_file),
+        ("device key", tls.key_file),
+    ):
         if not Path(path).is_file():
-            raise ConfigError(f"TLS {what} {path} does not exist: enroll the device "
-                              "(`edgefleet-device enroll`)")
+            raise ConfigError(
+                f"TLS {what} {path} does not exist: enroll the device (`edgefleet-device enroll`)"
+            )
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
     except (ssl.SSLError, OSError, ValueError) as e:
-        raise ConfigError(f"TLS files {tls.cert_file} / {tls.key_file} / {tls.ca_file} are "
-                          f"unusable: {e}") from e
+        raise ConfigError(
+            f"TLS files {tls.cert_file} / {tls.key_file} / {tls.ca_file} are unusable: {e}"
+        ) from e
     return ctx
 
 
@@ -103,7 +108,8 @@ class MqttSession:
         self._client.will_set(
             device_topic(device_id, Channel.STATUS),
             encode(Status(device_id=device_id, online=False, agent_version=agent_version)),
-            qos=1, retain=True,
+            qos=1,
+            retain=True,
         )
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
@@ -120,8 +126,9 @@ class MqttSession:
         """Connect in the background; paho reconnects by itself after a link loss."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0
-        self._client.connect_async(self.host, self.port, keepalive=self._keepalive,
-                                   clean_start=True, properties=props)
+        self._client.connect_async(
+            self.host, self.port, keepalive=self._keepalive, clean_start=True, properties=props
+        )
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -129,9 +136,16 @@ class MqttSession:
         if self.connected.is_set():
             info = self._client.publish(
                 device_topic(self.device_id, Channel.STATUS),
-                encode(Status(device_id=self.device_id, online=False,
-                              agent_version=self.agent_version, ts=self._clock())),
-                qos=1, retain=True,
+                encode(
+                    Status(
+                        device_id=self.device_id,
+                        online=False,
+                        agent_version=self.agent_version,
+                        ts=self._clock(),
+                    )
+                ),
+                qos=1,
+                retain=True,
             )
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
@@ -154,35 +168,56 @@ class MqttSession:
         return True
 
     def _publish(self, channel: Channel, payload: bytes, retain: bool = False) -> None:
-        info = self._client.publish(device_topic(self.device_id, channel), payload,
-                                    qos=1, retain=retain)
+        info = self._client.publish(
+            device_topic(self.device_id, channel), payload, qos=1, retain=retain
+        )
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish on %s failed: %s", channel.value, mqtt.error_string(info.rc))
 
     # -- callbacks (paho network thread: never raise) -------------------------
-    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                        reason_code: ReasonCode, properties: Any) -> None:
+    def _handle_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Any,
+    ) -> None:
         if reason_code.is_failure:
             log.error("broker refused connection: %s", reason_code)
             return
         log.info("connected to broker %s:%s", self.host, self.port)
         client.publish(
             device_topic(self.device_id, Channel.STATUS),
-            encode(Status(device_id=self.device_id, online=True,
-                          agent_version=self.agent_version, ts=self._clock())),
-            qos=1, retain=True,
+            encode(
+                Status(
+                    device_id=self.device_id,
+                    online=True,
+                    agent_version=self.agent_version,
+                    ts=self._clock(),
+                )
+            ),
+            qos=1,
+            retain=True,
         )
         client.subscribe(device_topic(self.device_id, Channel.DESIRED), qos=1)
         self.connected.set()
 
-    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                           reason_code: ReasonCode, properties: Any) -> None:
+    def _handle_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Any,
+    ) -> None:
         self.connected.clear()
         if reason_code != 0:
             log.warning("lost broker connection: %s; reconnecting", reason_code)
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any,
-                        message: mqtt.MQTTMessage) -> None:
+    def _handle_message(
+        self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
+    ) -> None:
         try:
             if message.topic != device_topic(self.device_id, Channel.DESIRED):
                 raise MessageError(f"unexpected message on topic {message.topic!r}")

@@ -68,16 +68,21 @@ def cloud(tmp_path: Path, broker: MosquittoProcess) -> Iterator[RunningCloud]:
     from cloud.config import CloudSettings
     from cloud.db import Database
 
-    settings = CloudSettings(data_dir=tmp_path / "cloud", broker_port=broker.port,
-                             http_port=free_port())
+    settings = CloudSettings(
+        data_dir=tmp_path / "cloud", broker_port=broker.port, http_port=free_port()
+    )
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.db_url)
     db.create_all()
-    tokens = {role: create_token(db, f"test-{role}", role)
-              for role in ("viewer", "operator", "admin")}
+    tokens = {
+        role: create_token(db, f"test-{role}", role) for role in ("viewer", "operator", "admin")
+    }
     db.dispose()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                           port=settings.http_port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=settings.http_port, log_level="warning"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

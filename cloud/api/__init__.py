@@ -13,5 +13,11 @@ from cloud.api import devices, enroll, models, observability, releases, system
 
 __all__ = ["ROUTERS"]
 
-ROUTERS: list[APIRouter] = [system.router, releases.router, devices.router, enroll.router,
-                            models.router, observability.router]
+ROUTERS: list[APIRouter] = [
+    system.router,
+    releases.router,
+    devices.router,
+    enroll.router,
+    models.router,
+    observability.router,
+]
