@@ -8,6 +8,7 @@ metadata.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tomllib
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 CONFIG_NAME = "agent.toml"
-_KEYS = {
+_KEYS: dict[str, type[Any]] = {
     "device_id": str,
     "broker_host": str,
     "broker_port": int,
@@ -54,6 +55,38 @@ _KEYS = {
     "max_update_crashes": int,
     "use_deltas": bool,
 }
+
+
+#: Inclusive bounds of numeric settings; NaN and infinity are refused too.
+_RANGES: dict[str, tuple[float, float]] = {
+    "broker_port": (1, 65535),
+    "inference_threads": (1, 64),
+    "interpreter_threads": (1, 64),
+    "inference_interval": (0.0, 3600.0),
+    "telemetry_interval": (0.05, 86400.0),
+    "probation_s": (0.0, 86400.0),
+    "probation_min_inferences": (0, 10_000_000),
+    "probation_max_s": (0.0, 7 * 86400.0),
+    "probation_max_error_rate": (0.0, 1.0),
+    "probation_max_latency_ratio": (1.0, 1e6),
+    "max_update_crashes": (1, 1000),
+}
+
+
+def _check_value(path: Path, key: str, value: Any) -> None:
+    want = _KEYS.get(key)
+    if want is None:
+        raise ConfigError(f"{path}: unknown setting {key!r}")
+    # bool is an int in Python; `broker_port = true` is still a mistake.
+    if isinstance(value, bool) and want is not bool:
+        raise ConfigError(f"{path}: {key} must be {want.__name__}, got {value!r}")
+    if not (isinstance(value, want) or (want is float and isinstance(value, int))):
+        raise ConfigError(f"{path}: {key} must be {want.__name__}, got {value!r}")
+    bounds = _RANGES.get(key)
+    if bounds is not None and not (
+        math.isfinite(float(value)) and bounds[0] <= float(value) <= bounds[1]
+    ):
+        raise ConfigError(f"{path}: {key} = {value!r} is outside {bounds[0]:g}..{bounds[1]:g}")
 
 
 def _toml_value(v: Any) -> str:
@@ -121,16 +154,22 @@ def load_config(data_dir: Path, **overrides: Any) -> AgentConfig:
         raise ConfigError(f"{path}: {e}") from e
     raw.update({k: v for k, v in overrides.items() if v is not None})
     for key, value in raw.items():
-        want = _KEYS.get(key)
-        if want is None:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
-        if want is float and isinstance(value, int):
-            continue
-        if not isinstance(value, want):
-            raise ConfigError(f"{path}: {key} must be {want.__name__}, got {value!r}")
+        _check_value(path, key, value)
     for key in ("device_id", "broker_host", "broker_port", "repo_url"):
         if key not in raw:
             raise ConfigError(f"{path}: missing required setting {key!r}")
+    try:
+        validate_device_id(raw["device_id"])
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if raw.get("probation_max_s", 120.0) < raw.get("probation_s", 10.0):
+        raise ConfigError(f"{path}: probation_max_s must not be shorter than probation_s")
+    tls_keys = {"tls_ca", "tls_cert", "tls_key"} & set(raw)
+    if tls_keys and len(tls_keys) != 3:
+        raise ConfigError(
+            f"{path}: mutual TLS needs all of tls_ca, tls_cert and tls_key "
+            f"(found only {sorted(tls_keys)})"
+        )
     tls = None
     if "tls_ca" in raw:
         tls = TlsSettings(
