@@ -67,6 +67,16 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
             )
             ctx.mqtt.start()
         app.state.observability.start(ctx, ingest=connect_mqtt)
+        repo_server = None
+        if connect_mqtt and settings.mqtt_repo:
+            from cloud.mqtt_repo import MqttRepoServer
+
+            repo_server = MqttRepoServer(
+                settings.repo_dir,
+                settings.broker_host,
+                settings.broker_port,
+                tls=settings.broker_tls,
+            ).start()
         repo.refresh()
         refresher = threading.Thread(
             target=_refresh_loop, args=(ctx, stop), daemon=True, name="tuf-refresh"
@@ -77,6 +87,8 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
         finally:
             stop.set()
             app.state.observability.stop()
+            if repo_server is not None:
+                repo_server.stop()
             if ctx.mqtt is not None:
                 ctx.mqtt.stop()
             db.dispose()

@@ -36,6 +36,11 @@ class CloudSettings(BaseSettings):
     broker_tls_cert: Path | None = None
     broker_tls_key: Path | None = None
 
+    #: Also serve the TUF repository over MQTT 5 (for devices whose ``repo_url`` is
+    #: ``mqtt://edgefleet-repo/``). On a secure broker this connection needs its own
+    #: service identity: run ``edgefleet-cloud repo-mqtt`` with it instead.
+    mqtt_repo: bool = False
+
     @property
     def broker_tls(self) -> dict[str, str] | None:
         """The TLS settings in the form ``CloudMqtt(tls=...)`` takes, or ``None``."""

@@ -55,6 +55,7 @@ from shared.messages import Desired, ErrorInfo, Event, EventKind, UpdateState
 if TYPE_CHECKING:
     from device.agent import Agent
     from device.http_fetcher import ResumableHttpFetcher
+    from device.mqtt_fetcher import MqttFetcher
     from device.tuf_client import ReleaseClient, VerifiedRelease
 
 __all__ = ["FAULT_DELAY_ENV", "UpdateMachine", "fault_delays"]
@@ -117,7 +118,7 @@ class UpdateMachine:
             max_latency_ratio=cfg.probation_max_latency_ratio,
         )
         self.download_dir = cfg.data_dir / "download"
-        self._fetcher: ResumableHttpFetcher | None = None
+        self._fetcher: ResumableHttpFetcher | MqttFetcher | None = None
         self._delays = fault_delays()
         #: The model that served before the swap, kept loaded during probation.
         self._previous_model: LoadedModel | None = None
@@ -241,9 +242,18 @@ class UpdateMachine:
         return False, True
 
     @property
-    def fetcher(self) -> ResumableHttpFetcher:
-        """The HTTP transport (created, with TUF and urllib3, at the first update:
-        an agent that is not updating does not carry them in memory)."""
+    def fetcher(self) -> ResumableHttpFetcher | MqttFetcher:
+        """The transport (created, with TUF and urllib3, at the first update: an
+        agent that is not updating does not carry them in memory).
+
+        ``repo_url`` ``mqtt://edgefleet-repo/`` selects TUF over MQTT 5 on the
+        agent's own broker connection (devices without HTTP); anything else is
+        HTTP(S) with Range resumption.
+        """
+        if self._fetcher is None and self.agent.cfg.repo_url.startswith("mqtt://"):
+            from device.mqtt_fetcher import MqttFetcher
+
+            self._fetcher = MqttFetcher.for_session(self.agent.session)
         if self._fetcher is None:
             from device.http_fetcher import ResumableHttpFetcher
             from device.tuf_client import HTTP_TIMEOUT_S
