@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
+from cloud._files import atomic_write as _atomic_write
 from shared.errors import ConfigError, ReleaseError
 
 __all__ = [
@@ -157,32 +157,6 @@ def _utc(now: datetime | None) -> datetime:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (UTC)")
     return now.astimezone(UTC)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` so that ``path`` holds either its old or its new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _check_target_path(path: str) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from cloud.db import Database
 from cloud.ingest.tables import DeviceSeen, DriftPartial, TelemetryWindow
+from shared.errors import ConfigError
 from shared.messages import Telemetry
 
 __all__ = [
@@ -87,6 +88,11 @@ class TelemetryStore:
         self.worker = worker
         self.bucket_seconds = bucket_seconds
         self._dialect = db.engine.dialect.name
+        if self._dialect not in ("postgresql", "sqlite"):
+            # Idempotent inserts use each dialect's ON CONFLICT: refuse others at start.
+            raise ConfigError(
+                f"telemetry ingest supports SQLite and PostgreSQL, not {self._dialect}"
+            )
 
     def bucket_of(self, t: float) -> float:
         """Start of the drift bucket that a window received at ``t`` belongs to."""
@@ -95,9 +101,7 @@ class TelemetryStore:
     def _insert(self, table: Any) -> Any:
         if self._dialect == "postgresql":
             return postgresql.insert(table)
-        if self._dialect == "sqlite":
-            return sqlite.insert(table)
-        raise NotImplementedError(f"ingest supports SQLite and PostgreSQL, not {self._dialect}")
+        return sqlite.insert(table)
 
     # -- writes -------------------------------------------------------------
     def write_batch(

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from cloud._files import fsync_dir as _fsync_dir
 from shared.errors import ConfigError, StorageError
 
 __all__ = ["BlobStore", "BlobTooLargeError"]
@@ -32,14 +33,6 @@ class BlobTooLargeError(ConfigError):
     """A stream handed to ``put_stream`` exceeded its size limit."""
 
     code = "too_large"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:

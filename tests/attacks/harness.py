@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import hashlib
 import http.server
-import json
 import shutil
 import threading
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from cloud.mqtt_bridge import CloudMqtt
 from cloud.tuf_repo import ReleaseRepository
@@ -264,28 +262,6 @@ class DeviceUnderAttack:
         """The device still serves ``release`` and nothing in its slots changed."""
         self.assert_still_serving(release)
         assert self.snapshot() == before, "the slots or the slot pointer changed on disk"
-
-    def assert_untouched_after_staging(self, before: dict[str, str], release: int) -> None:
-        """``assert_untouched`` for a release refused *after* it was staged (self-test, load).
-
-        The slot pointer and the serving slot must be unchanged. The DESIGN stages
-        into the inactive slot before the self-test, and the current agent leaves
-        the refused release there; until the agent (issue 5) removes it, that one
-        difference is reported as an expected failure, not hidden."""
-        self.assert_still_serving(release)
-        after = self.snapshot()
-        if after == before:
-            return
-        assert after.get("slots.json") == before.get("slots.json"), "the slot pointer changed"
-        serving = json.loads((self.data_dir / "slots.json").read_text())["active"]
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        assert not [k for k in changed if k.startswith(f"slots/{serving}/")], (
-            f"the serving slot {serving} changed: {changed}"
-        )
-        pytest.xfail(
-            f"issue 5: the refused release stays staged in the inactive slot "
-            f"({changed}); the agent should remove it after a failed self-test"
-        )
 
 
 def start_device(

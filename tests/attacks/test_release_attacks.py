@@ -274,7 +274,7 @@ def test_model_failing_its_selftest_rejected(
     reason = device.attack(2)
     assert reason.code == "selftest_failed"
     assert "failed its self-test" in reason.message
-    device.assert_untouched_after_staging(before, release=1)
+    device.assert_untouched(before, release=1)
 
 
 def test_model_with_an_op_the_runtime_lacks_rejected(
@@ -286,7 +286,7 @@ def test_model_with_an_op_the_runtime_lacks_rejected(
     reason = device.attack(2)
     assert reason.code in ("incompatible", "model_load_failed")
     assert "EdgefleetNoSuchOp" in reason.message
-    device.assert_untouched_after_staging(before, release=1)
+    device.assert_untouched(before, release=1)
 
 
 def test_release_signed_for_another_path_rejected(
