@@ -7,20 +7,28 @@ float32, the accuracy change (MobileNet: top-1 agreement with float32, since
 its labels are synthetic) and the single-sample latency ratio to float32,
 all measured in one run.
 
-Latency is measured fairly: the device's runtime set-up (LiteRT, default
-XNNPACK delegate, one thread, batch 1), a warm-up, then interleaved rounds
-so every mode sees the same machine state, and the median per-invoke time.
-The primary clock is the thread's CPU time, which other processes on a
-shared machine cannot inflate; wall-clock medians are printed next to it.
+Latency is measured two ways, both with the device's runtime set-up (LiteRT
+defaults, so the XNNPACK delegate, one thread, batch 1) after a warm-up, in
+interleaved rounds so every mode sees the same machine state, as the median
+of the thread's CPU time (other processes on a shared machine cannot inflate
+it; wall clock is printed next to it):
+
+* ``invoke``: ``Interpreter.invoke`` alone, the model's compute;
+* ``device``: ``device.runtime.ModelServer.infer_real`` on a real-valued
+  sample, what a device runs and reports as latency: the model's own input
+  quantization (int8 only), pool check-out, ``set_tensor``, ``invoke`` and
+  the output copy. The latency targets are judged on this one.
 
 Then it investigates the int8 targets: int8 vs float32 under other runtime
-set-ups (builtin kernels without XNNPACK, two threads), per layer shape, per
-tensor instead of per channel, and where the bytes of the int8 file go; and
-says why a target that fails cannot be met on this CPU.
+set-ups (builtin kernels without XNNPACK, two threads), whole models and
+single layers with XNNPACK limited to the kernels of older x86 CPUs (AVX2
+without VNNI: ``bench/_litert_isa.py``), per tensor instead of per channel,
+and where the bytes of the int8 file go; and says why a target that fails
+cannot be met on this CPU.
 
 Targets (PASS/FAIL): MobileNetV2 int8 size <= 0.30x float32; digits int8
-accuracy drop <= 1.0 point; int8 latency <= 1.0x float32. Exit status is 0
-unless ``--strict`` is given and a target fails.
+accuracy drop <= 1.0 point; int8 device latency <= 1.0x float32. Exit
+status is 0 unless ``--strict`` is given and a target fails.
 
     python bench/quantize.py [--strict] [--skip-mobilenet] [--no-investigate]
 """
@@ -34,10 +42,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import numpy as np  # noqa: E402
+from _litert_isa import print_sweep, sweep  # noqa: E402
 
 MODES = ("float32", "int8", "int16x8", "dynamic", "float16")
 _ROUNDS = 15
@@ -53,6 +67,9 @@ class ModeRow:
     agreement: float | None
     cpu_s: float
     wall_s: float
+    #: ``ModelServer.infer_real``: thread CPU and wall seconds.
+    device_s: float
+    device_wall_s: float
 
 
 @dataclass
@@ -62,6 +79,9 @@ class Target:
     limit: float
     unit: str
     why: str = ""
+    detail: str = ""
+    #: For latency targets: int8 / float32 of ``invoke`` alone (the device path is ``value``).
+    invoke_ratio: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -102,17 +122,36 @@ def _interpreter(model: bytes, x: np.ndarray, *, threads: int = 1, xnnpack: bool
 
 def _interleaved(its: dict[str, Any], runs: int) -> dict[str, tuple[float, float]]:
     """Median (thread CPU, wall) seconds per invoke, modes interleaved round by round."""
-    cpu: dict[str, list[float]] = {k: [] for k in its}
-    wall: dict[str, list[float]] = {k: [] for k in its}
+    return _interleaved_calls({k: it.invoke for k, it in its.items()}, runs)
+
+
+def _interleaved_calls(
+    calls: dict[str, Callable[[], object]], runs: int
+) -> dict[str, tuple[float, float]]:
+    """Median (thread CPU, wall) seconds per call, all calls interleaved round by round."""
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    wall: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(_ROUNDS):
-        for key, it in its.items():
-            n = max(1, min(runs // _ROUNDS, _SLOW_MODES.get(key, runs)))
+        for key, call in calls.items():
+            n = max(1, min(runs // _ROUNDS, _SLOW_MODES.get(key.split(" ")[0], runs)))
             c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
             for _ in range(n):
-                it.invoke()
+                call()
             cpu[key].append((time.thread_time_ns() - c0) / n / 1e9)
             wall[key].append((time.perf_counter_ns() - w0) / n / 1e9)
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in its}
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in calls}
+
+
+def _device_servers(models: dict[str, bytes]) -> dict[str, Any]:
+    """One device ``ModelServer`` per mode, serving a one-interpreter, one-thread pool."""
+    from device.runtime import LoadedModel, ModelServer
+
+    servers = {}
+    for mode, data in models.items():
+        server = ModelServer()
+        server.swap(LoadedModel(data, pool_size=1, num_threads=1), warmup=10)
+        servers[mode] = server
+    return servers
 
 
 def _measure(
@@ -153,7 +192,14 @@ def _measure(
                 flush=True,
             )
     its = {mode: _interpreter(data, x[0]) for mode, data in models.items()}
-    times = _interleaved(its, args.latency_runs)
+    servers = _device_servers(models)
+    calls: dict[str, Callable[[], object]] = {}
+    for mode in models:
+        calls[mode] = its[mode].invoke
+        calls[f"{mode} device"] = lambda s=servers[mode], x0=x[0]: s.infer_real(x0)
+    times = _interleaved_calls(calls, args.latency_runs)
+    for server in servers.values():
+        server.close()
     rows = [
         ModeRow(
             mode,
@@ -161,6 +207,7 @@ def _measure(
             results[mode].accuracy,
             results[mode].top1_agreement,
             *times[mode],
+            *times[f"{mode} device"],
         )
         for mode in models
     ]
@@ -173,7 +220,7 @@ def _print_table(title: str, rows: list[ModeRow], use_agreement: bool) -> None:
     quality = "top-1 agree" if use_agreement else "accuracy"
     print(
         f"  {'mode':<11} {'size KiB':>9} {'size x':>7} {quality:>11} {'delta pt':>9} "
-        f"{'cpu us':>9} {'latency x':>9} {'wall us':>9} {'wall x':>7}"
+        f"{'invoke us':>9} {'invoke x':>8} {'device us':>9} {'device x':>8} {'wall x':>6}"
     )
     for r in rows:
         if use_agreement:
@@ -184,12 +231,15 @@ def _print_table(title: str, rows: list[ModeRow], use_agreement: bool) -> None:
             delta = (q - (ref.accuracy or 0.0)) * 100
         print(
             f"  {r.mode:<11} {r.size / 1024:9.1f} {r.size / ref.size:7.3f} {q:11.2%} "
-            f"{delta:+9.2f} {r.cpu_s * 1e6:9.1f} {r.cpu_s / ref.cpu_s:9.2f} "
-            f"{r.wall_s * 1e6:9.1f} {r.wall_s / ref.wall_s:7.2f}"
+            f"{delta:+9.2f} {r.cpu_s * 1e6:9.1f} {r.cpu_s / ref.cpu_s:8.2f} "
+            f"{r.device_s * 1e6:9.1f} {r.device_s / ref.device_s:8.2f} "
+            f"{r.device_wall_s / ref.device_wall_s:6.2f}"
         )
     print(
-        "  (int8/tensor: int8 with one weight scale per tensor instead of per channel; "
-        "not a release mode, for comparison)"
+        "  (invoke: Interpreter.invoke alone; device: ModelServer.infer_real on a real-valued "
+        "sample, i.e. input quantization + invoke + copies, thread CPU time; wall x: device "
+        "path by wall clock. int8/tensor: one weight scale per tensor instead of per channel, "
+        "not a release mode)"
     )
 
 
@@ -209,40 +259,39 @@ def _runtime_variants(name: str, models: dict[str, bytes], x: np.ndarray, runs: 
         )
 
 
-def _layers(seed: int) -> None:
-    """Single-layer models at MobileNetV2-0.35 shapes: where int8 loses on this CPU."""
+_LAYER_CASES = (
+    ("conv 3x3/2", 96, 3, 16),
+    ("depthwise 3x3", 48, 16, 16),
+    ("conv 1x1", 48, 8, 48),
+    ("conv 1x1", 12, 64, 384),
+    ("depthwise 3x3", 12, 384, 384),
+    ("dense", 1, 1280, 1000),
+)
+
+
+def _layer_models(seed: int) -> dict[str, tuple[str, dict[str, bytes], np.ndarray]]:
+    """Single-layer float32/int8 models at MobileNetV2-0.35 shapes, with a sample input each."""
     import keras
 
     from cloud.pipeline.convert import convert, exported_saved_model
 
-    print("  single layers at MobileNetV2-0.35 shapes (XNNPACK, 1 thread, thread CPU time)")
-    cases = [
-        ("conv 3x3/2", 96, 3, 16),
-        ("depthwise 3x3", 48, 16, 16),
-        ("conv 1x1", 48, 8, 48),
-        ("conv 1x1", 12, 64, 384),
-        ("depthwise 3x3", 12, 384, 384),
-        ("dense", 1, 1280, 1000),
-    ]
     rng = np.random.default_rng(seed)
-    for kind, hw, c_in, c_out in cases:
+    out = {}
+    for i, (kind, hw, c_in, c_out) in enumerate(_LAYER_CASES):
         inp = keras.Input((hw, hw, c_in))
         if kind.startswith("conv"):
             k, stride = (3, 2) if "/2" in kind else (1, 1)
-            out = keras.layers.Conv2D(c_out, k, strides=stride, padding="same")(inp)
+            layer = keras.layers.Conv2D(c_out, k, strides=stride, padding="same")(inp)
         elif kind.startswith("depthwise"):
-            out = keras.layers.DepthwiseConv2D(3, padding="same")(inp)
+            layer = keras.layers.DepthwiseConv2D(3, padding="same")(inp)
         else:
-            out = keras.layers.Dense(c_out)(keras.layers.Flatten()(inp))
+            layer = keras.layers.Dense(c_out)(keras.layers.Flatten()(inp))
         calib = rng.normal(0, 1, (32, hw, hw, c_in)).astype(np.float32)
-        with exported_saved_model(keras.Model(inp, out)) as sm:
-            f, q = convert(sm, "float32", None), convert(sm, "int8", calib)
-        t = _interleaved({"f": _interpreter(f, calib[0]), "q": _interpreter(q, calib[0])}, 300)
-        print(
-            f"    {kind:<14} {hw:>2}x{hw:<2} {c_in:>4} -> {c_out:<5} float32 "
-            f"{t['f'][0] * 1e6:7.1f} us  int8 {t['q'][0] * 1e6:7.1f} us  "
-            f"ratio {t['q'][0] / t['f'][0]:5.2f}"
-        )
+        with exported_saved_model(keras.Model(inp, layer)) as sm:
+            models = {"float32": convert(sm, "float32", None), "int8": convert(sm, "int8", calib)}
+        label = f"{kind} {hw}x{hw} {c_in}->{c_out}"
+        out[f"layer{i}"] = (label, models, calib[0])
+    return out
 
 
 def _size_breakdown(model: bytes) -> dict[str, int]:
@@ -276,6 +325,21 @@ def _size_breakdown(model: bytes) -> dict[str, int]:
     return out
 
 
+def _latency_target(name: str, by: dict[str, ModeRow]) -> Target:
+    f, q = by["float32"], by["int8"]
+    return Target(
+        f"{name} int8 latency / float32 (device path)",
+        q.device_s / f.device_s,
+        1.0,
+        "x",
+        detail=(
+            f"{f.device_s * 1e6:.1f} -> {q.device_s * 1e6:.1f} us; invoke alone "
+            f"{q.cpu_s / f.cpu_s:.3f}x ({f.cpu_s * 1e6:.1f} -> {q.cpu_s * 1e6:.1f} us)"
+        ),
+        invoke_ratio=q.cpu_s / f.cpu_s,
+    )
+
+
 def _digits(args: argparse.Namespace) -> tuple[list[Target], dict[str, bytes], np.ndarray]:
     from cloud.pipeline.digits import load_digits_splits, train_digits_cnn
 
@@ -301,9 +365,7 @@ def _digits(args: argparse.Namespace) -> tuple[list[Target], dict[str, bytes], n
     return (
         [
             Target("digits int8 accuracy drop (points)", drop, 1.0, " pt"),
-            Target(
-                "digits int8 latency / float32", by["int8"].cpu_s / by["float32"].cpu_s, 1.0, "x"
-            ),
+            _latency_target("digits", by),
         ],
         models,
         splits.x_test[0],
@@ -354,12 +416,7 @@ def _mobilenet(args: argparse.Namespace) -> tuple[list[Target], dict[str, bytes]
     return (
         [
             Target("mobilenetv2 int8 size / float32", size, 0.30, "x", why),
-            Target(
-                "mobilenetv2 int8 latency / float32",
-                by["int8"].cpu_s / by["float32"].cpu_s,
-                1.0,
-                "x",
-            ),
+            _latency_target("mobilenetv2", by),
         ],
         models,
         x_test[0],
@@ -394,23 +451,29 @@ def _refresh_batchnorm(model: Any, x: np.ndarray) -> None:
         la.momentum = m
 
 
-def _latency_reason(flags: set[str]) -> str:
+def _latency_reason(tg: Target, flags: set[str]) -> str:
+    """Why int8 is not faster on the device path, from what was measured."""
+    if tg.invoke_ratio is not None and tg.invoke_ratio <= 1.0:
+        return (
+            f"the int8 model itself is faster ({tg.invoke_ratio:.2f}x in invoke), but the "
+            "per-inference work around it on the device (quantizing the real-valued input in "
+            "numpy, check-out, copies) costs more than int8 saves on a model this small"
+        )
     vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
     if vnni:
         return (
-            f"this CPU has int8 dot-product instructions ({', '.join(vnni)}), yet int8 is "
-            "slower here: see the single-layer figures for the layers that lose"
+            f"this CPU has int8 dot-product instructions ({', '.join(vnni)}), yet int8 "
+            "invoke is slower here: see the single-layer rows above for the layers that lose"
         )
-    simd = "AVX2" if "avx2" in flags else "SSE"
     return (
-        f"this {platform.machine()} CPU has {simd} but no int8 dot-product instructions "
-        "(AVX-VNNI / AVX512-VNNI), so XNNPACK's int8 kernels widen int8 to int16 before "
-        "multiplying and requantize every output, while its float32 kernels run FMA at full "
-        "width: int8 wins only where memory bound (the dense layer above) and loses on "
-        "narrow convolutions (few channels, 3-channel first conv), which small models are "
-        "made of; no LiteRT set-up tried (runtime figures above) runs int8 faster than "
-        "XNNPACK runs float32. Arm boards with dot-product instructions (Armv8.2+) are where "
-        "int8 is expected to pay off; that cannot be measured on this machine"
+        f"this {platform.machine()} CPU has {'AVX2' if 'avx2' in flags else 'SSE'} but no "
+        "int8 dot-product instructions (AVX-VNNI / AVX512-VNNI): XNNPACK's int8 kernels then "
+        "widen int8 to int16 and multiply-add pairs (vpmaddwd) before requantizing every "
+        "output, while float32 runs FMA, so int8 wins only where memory bound (the dense "
+        "layer) and loses on the narrow convolutions small models are made of; no LiteRT "
+        "set-up tried runs int8 faster than XNNPACK runs float32 here. CPUs with VNNI (x86) or "
+        "dot-product instructions (Armv8.2+ boards) run the same int8 file at about half the "
+        "float32 time: see 'bench/_litert_isa.py' figures in docs/PIPELINE.md"
     )
 
 
@@ -421,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-investigate",
         action="store_true",
-        help="skip runtime variants, single layers and the size breakdown",
+        help="skip runtime variants, instruction-set sweep, single layers, size breakdown",
     )
     # Keras' default head (1000 classes) is the model the issue and DESIGN.md's
     # 1.9 MB int8 figure describe; with 10 classes per-channel quantization
@@ -442,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         f"edgefleet quantization benchmark: TensorFlow {v['tensorflow']}, LiteRT {v['litert']}, "
         f"{platform.machine()} ({', '.join(simd) or 'no SIMD flags read'}), {os.cpu_count()} "
         f"cores, load {os.getloadavg()[0]:.1f}; LiteRT + XNNPACK on 1 thread, batch 1, "
-        f"latency = median thread CPU time per invoke over {_ROUNDS} interleaved rounds"
+        f"latency = median thread CPU time per call over {_ROUNDS} interleaved rounds"
     )
     targets, models, x0 = _digits(args)
     investigations = [("digits", models, x0)]
@@ -457,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, models, x0 in investigations:
             _runtime_variants(name, models, x0, min(args.latency_runs, 300))
-        _layers(args.seed)
+        sets = {name: (models, x0) for name, models, x0 in investigations}
+        labels = {name: name for name in sets}
+        for key, (label, models, x0) in _layer_models(args.seed).items():
+            sets[key], labels[key] = (models, x0), label
+        print_sweep(sweep(sets), labels)
         name, models, _ = investigations[-1]
         parts = _size_breakdown(models["int8"])
         print(
@@ -465,13 +532,13 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {b / 1024:.1f} KiB" for k, b in parts.items())
         )
     print("\ntargets")
-    explained = False
     for tg in targets:
-        if "latency" in tg.name and not tg.passed:
-            tg.why = "as above" if explained else _latency_reason(flags)
-            explained = True
+        if tg.invoke_ratio is not None and not tg.passed:
+            tg.why = _latency_reason(tg, flags)
         verdict = "PASS" if tg.passed else "FAIL"
         print(f"  {verdict}  {tg.name}: {tg.value:.3f}{tg.unit} (target <= {tg.limit}{tg.unit})")
+        if tg.detail:
+            print(f"        {tg.detail}")
         if tg.why:
             print(f"        why: {tg.why}")
     failed = [tg for tg in targets if not tg.passed]
