@@ -13,7 +13,8 @@ Two modes:
   without a certificate from the cloud CA, or with a revoked one (``crlfile``),
   fails the handshake. The certificate CN becomes the MQTT username *and* the
   client id (so no client can kick another off by reusing its client id), and
-  the ACL confines every device to ``edgefleet/v1/devices/<its CN>/...``.
+  the ACL confines every device to ``edgefleet/v1/devices/<its CN>/...``
+  (plus read-only access to the release blobs under ``edgefleet/v1/blobs/``).
 
 Revocation, as measured on Mosquitto 2.0.11: SIGHUP re-reads the CRL (new
 handshakes of a revoked certificate fail) and the ACL file, but keeps existing
@@ -43,9 +44,11 @@ from typing import TYPE_CHECKING
 from shared.errors import ConfigError
 from shared.messages import MAX_MESSAGE_BYTES
 from shared.topics import (
+    BLOBS,
     REPO_REQUEST,
     REPO_RESPONSE,
     ROOT,
+    acl_blob_topics,
     acl_device_topics,
 )
 
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOUD_ROLE",
     "DEFAULT_SERVICES",
+    "FANOUT_ROLE",
     "REPO_ROLE",
     "BrokerConfig",
     "BrokerSecurity",
@@ -75,17 +79,24 @@ DEFAULT_MAX_QUEUED = 200_000
 #: reach the application and get refused there with a reason, and TUF chunks fit.
 DEFAULT_MAX_PACKET = 4 * MAX_MESSAGE_BYTES + 64 * 1024
 
-#: Service roles in the ACL: the cloud (desired state out, every device stream in)
-#: and the repository server (repository requests in, responses out, nothing else).
+#: Service roles in the ACL: the cloud (desired state out, every device stream in),
+#: the repository server (repository requests in, responses out, nothing else) and
+#: the blob fan-out (``cloud.fanout``: release blobs out, nothing else).
 CLOUD_ROLE = "cloud"
 REPO_ROLE = "repo"
-DEFAULT_SERVICES: Mapping[str, str] = {"edgefleet-cloud": CLOUD_ROLE, "edgefleet-repo": REPO_ROLE}
+FANOUT_ROLE = "fanout"
+DEFAULT_SERVICES: Mapping[str, str] = {
+    "edgefleet-cloud": CLOUD_ROLE,
+    "edgefleet-repo": REPO_ROLE,
+    "edgefleet-fanout": FANOUT_ROLE,
+}
 _ROLE_RULES: Mapping[str, tuple[tuple[str, str], ...]] = {
     CLOUD_ROLE: (("readwrite", f"{ROOT}/#"),),
     REPO_ROLE: (
         ("read", f"{ROOT}/devices/+/{REPO_REQUEST}"),
         ("write", f"{ROOT}/devices/+/{REPO_RESPONSE}"),
     ),
+    FANOUT_ROLE: (("readwrite", f"{ROOT}/{BLOBS}/#"),),
 }
 
 
@@ -138,9 +149,10 @@ class BrokerSecurity:
 
         ``services`` defaults to every live service identity the CA issued
         (``ca init --service NAME``): names starting ``edgefleet-repo`` get the
-        repository role, the others the cloud role. Each cloud connection needs
-        its own identity, as the client id is the certificate CN. Devices with a
-        revoked certificate and no live one are denied."""
+        repository role, ``edgefleet-fanout`` the blob fan-out role, the others
+        the cloud role. Each cloud connection needs its own identity, as the
+        client id is the certificate CN. Devices with a revoked certificate and
+        no live one are denied."""
         if not ca.server_cert_path.is_file():
             raise ConfigError(f"no broker certificate in {ca.dir}: run `edgefleet-cloud ca init`")
         ca.refresh_crl()  # an expired CRL would lock every client out
@@ -169,10 +181,16 @@ def _issued_services(issued: Sequence[IssuedCert]) -> dict[str, str]:
     services = dict(DEFAULT_SERVICES)
     for c in issued:
         if c.kind == "service" and c.live:
-            services[c.common_name] = (
-                REPO_ROLE if c.common_name.startswith("edgefleet-repo") else CLOUD_ROLE
-            )
+            services[c.common_name] = _role_of(c.common_name)
     return services
+
+
+def _role_of(service: str) -> str:
+    if service.startswith("edgefleet-repo"):
+        return REPO_ROLE
+    if service.startswith("edgefleet-fanout"):
+        return FANOUT_ROLE
+    return CLOUD_ROLE
 
 
 def _check_acl_name(name: str) -> None:
@@ -189,6 +207,9 @@ def render_acl(security: BrokerSecurity) -> str:
     ]
     for access, suffix in acl_device_topics():
         lines.append(f"pattern {access} {ROOT}/devices/%u/{suffix}")
+    lines.append("# Everyone: read the release blobs the cloud fans out (TUF checks them).")
+    for access, topic in acl_blob_topics():
+        lines.append(f"pattern {access} {topic}")
     for name, role in sorted(security.services.items()):
         lines += ["", f"user {name}"]
         lines += [f"topic {access} {topic}" for access, topic in _ROLE_RULES[role]]

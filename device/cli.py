@@ -70,7 +70,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if args.token is None or args.cloud is None:
             raise EdgefleetError("give both --cloud and --token to enroll online")
         pinned = args.pin_ca.read_bytes() if args.pin_ca is not None else None
-        files = enroll_with_token(args.data_dir, args.cloud, args.token, expected_ca=pinned)
+        files = enroll_with_token(
+            args.data_dir, args.cloud, args.token, expected_ca=pinned, new_key=args.new_key
+        )
         print(f"enrolled: certificate {files.cert_file}; the agent now uses mutual TLS")
         return 0
     csr = create_csr(args.data_dir, new_key=args.new_key)
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cert", type=Path, help="install this certificate (from the cloud CA)")
     s.add_argument("--ca", type=Path, help="the cloud CA certificate to install with --cert")
     s.add_argument("--cloud", help="enroll online at this cloud URL (with --token)")
-    s.add_argument("--token", help="one-time bootstrap token (`edgefleet-cloud device token`)")
+    s.add_argument("--token", help="one-time bootstrap token (`edgefleet-cloud device issue`)")
     s.add_argument("--pin-ca", type=Path, help="refuse an online answer with another CA")
     s.set_defaults(func=cmd_enroll)
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from device.agent import AgentConfig
+from device.agent import BLOB_SOURCES, AgentConfig
 from device.fsutil import atomic_write_bytes
 from device.mqtt_session import TlsSettings
 from shared.errors import ConfigError
@@ -54,6 +54,8 @@ _KEYS: dict[str, type[Any]] = {
     "probation_max_latency_ratio": float,
     "max_update_crashes": int,
     "use_deltas": bool,
+    # where release files come from: "auto", "mqtt" (the broker's blobs) or "http"
+    "blob_source": str,
 }
 
 
@@ -71,6 +73,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "probation_max_latency_ratio": (1.0, 1e6),
     "max_update_crashes": (1, 1000),
 }
+#: Settings that take one of a few words.
+_CHOICES: dict[str, tuple[str, ...]] = {"blob_source": BLOB_SOURCES}
 
 
 def _check_value(path: Path, key: str, value: Any) -> None:
@@ -87,6 +91,11 @@ def _check_value(path: Path, key: str, value: Any) -> None:
         math.isfinite(float(value)) and bounds[0] <= float(value) <= bounds[1]
     ):
         raise ConfigError(f"{path}: {key} = {value!r} is outside {bounds[0]:g}..{bounds[1]:g}")
+    choices = _CHOICES.get(key)
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{path}: {key} = {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+        )
 
 
 def _toml_value(v: Any) -> str:
@@ -330,8 +339,10 @@ def enroll_with_token(
     *,
     expected_ca: bytes | None = None,
     timeout: float = ENROLL_TIMEOUT_S,
+    new_key: bool = False,
 ) -> TlsSettings:
-    """Enroll online: send a CSR and the one-time bootstrap token to the cloud.
+    """Enroll online: send a CSR and the one-time bootstrap token to the cloud
+    (``new_key``: replace the device key first, after a key leak).
 
     ``expected_ca`` pins the CA certificate (recommended unless ``cloud_url`` is
     HTTPS): a response carrying another CA is refused."""
@@ -340,7 +351,8 @@ def enroll_with_token(
 
     if not cloud_url.startswith(("http://", "https://")):
         raise ConfigError(f"cloud URL {cloud_url!r} must start with http:// or https://")
-    body = json.dumps({"token": token, "csr": create_csr(data_dir).decode()}).encode()
+    csr = create_csr(data_dir, new_key=new_key)
+    body = json.dumps({"token": token, "csr": csr.decode()}).encode()
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
         cloud_url.rstrip("/") + "/api/v1/enroll",
         data=body,

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     # Where it is defined: mypy --strict sees no explicit re-export in tuf.api.metadata.
     from tuf.api._payload import TargetFile
 
+    from device.blob_fetcher import BlobFetcher
+    from shared.blob_wire import BlobMeta
+
 __all__ = [
     "HTTP_TIMEOUT_S",
     "MAX_TARGET_BYTES",
@@ -228,6 +231,8 @@ class ReleaseClient:
     repository directory is served: metadata under ``metadata/``, targets
     under ``targets/`` (or ``targets_url``, e.g. a CDN). ``fetcher`` replaces
     the HTTP transport (the MQTT fetcher); the TUF checks do not depend on it.
+    ``blobs`` takes targets from the broker's retained blobs instead, where it
+    holds them (``device.blob_fetcher``); metadata still comes from ``repo_url``.
     Calls are serialized.
     """
 
@@ -239,10 +244,12 @@ class ReleaseClient:
         *,
         targets_url: str | None = None,
         fetcher: FetcherInterface | None = None,
+        blobs: BlobFetcher | None = None,
         max_target_bytes: int = MAX_TARGET_BYTES,
         min_rate_bytes_per_s: int = MIN_RATE_BYTES_PER_S,
     ) -> None:
         self.metadata_dir = Path(metadata_dir)
+        self._blobs = blobs
         self._root = root if isinstance(root, bytes) else Path(root)
         base = repo_url if repo_url.endswith("/") else repo_url + "/"
         self.metadata_url = base + METADATA_SUBDIR + "/"
@@ -413,12 +420,21 @@ class ReleaseClient:
             if progress is not None:
                 progress(done, total)
 
+        cached = [
+            updater.find_cached_target(info, str(dest_dir / name)) is not None
+            for info, name in zip(files, names, strict=True)
+        ]
+        blobs = self._blobs
+        plan: dict[str, BlobMeta] = {}
+        if blobs is not None:
+            with _mapped_errors("looking for the release files on the broker"):
+                plan = blobs.plan([f for f, c in zip(files, cached, strict=True) if not c])
         staged: list[tuple[Path | None, Path]] = []
         result: list[tuple[Path, str]] = []
         try:
-            for info, name in zip(files, names, strict=True):
+            for info, name, is_cached in zip(files, names, cached, strict=True):
                 final = dest_dir / name
-                if updater.find_cached_target(info, str(final)) is not None:
+                if is_cached:
                     staged.append((None, final))
                     result.append((final, _fsync_and_hash(final)))
                     advance(info.length)
@@ -427,12 +443,19 @@ class ReleaseClient:
                 os.close(fd)
                 tmp = Path(tmp_name)
                 staged.append((tmp, final))
-                self._fetcher.on_chunk = advance
-                try:
-                    with _mapped_errors(f"downloading {info.path}"):
-                        updater.download_target(info, filepath=str(tmp))
-                finally:
-                    self._fetcher.on_chunk = None
+                meta = plan.get(info.path)
+                if blobs is None or meta is None:
+                    fetched = False
+                else:
+                    with _mapped_errors(f"fetching {info.path} from the broker"):
+                        fetched = blobs.fetch_target(updater, info, meta, tmp, advance)
+                if not fetched:
+                    self._fetcher.on_chunk = advance
+                    try:
+                        with _mapped_errors(f"downloading {info.path}"):
+                            updater.download_target(info, filepath=str(tmp))
+                    finally:
+                        self._fetcher.on_chunk = None
                 result.append((final, self._check_written(info, tmp)))
             for tmp_or_none, final in staged:
                 if tmp_or_none is not None:

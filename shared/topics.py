@@ -2,7 +2,9 @@
 
 Every topic lives under ``edgefleet/v1/devices/<device id>/<channel>``. Device
 ids double as MQTT usernames and certificate CNs, so they are restricted to a
-character set that cannot smuggle MQTT wildcards or path separators.
+character set that cannot smuggle MQTT wildcards or path separators. Release
+blobs fanned out to the whole fleet live apart, under
+``edgefleet/v1/blobs/<sha256>/...``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ import enum
 import re
 
 __all__ = [
+    "BLOBS",
+    "BLOB_META",
     "DEVICE_ID_PATTERN",
+    "SHA256_PATTERN",
     "REPO_REQUEST",
     "REPO_RESPONSE",
     "ROOT",
     "Channel",
+    "acl_blob_topics",
     "acl_device_topics",
+    "blob_chunk_topic",
+    "blob_filter",
+    "blob_meta_topic",
     "device_topic",
+    "parse_blob_topic",
     "parse_repo_request_topic",
     "parse_topic",
     "repo_request_subscription",
@@ -140,3 +150,62 @@ def acl_device_topics() -> list[tuple[str, str]]:
         ("write", REPO_REQUEST),
         ("read", REPO_RESPONSE),
     ]
+
+
+# -- release blobs fanned out through the broker (see shared/blob_wire.py) ----------------
+
+#: Retained, written only by the cloud, readable by every device:
+#: ``blobs/<sha256>/meta`` and ``blobs/<sha256>/<chunk index>``.
+BLOBS = "blobs"
+BLOB_META = "meta"
+#: A blob is named by the SHA-256 of its bytes (the TUF target's signed hash).
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+#: Chunk indices are canonical decimals (no sign, no leading zeros), at most 9 digits.
+_INDEX = re.compile(r"^(0|[1-9][0-9]{0,8})$")
+
+
+def _check_sha256(sha256: str) -> str:
+    if not isinstance(sha256, str) or not SHA256_PATTERN.match(sha256):
+        raise ValueError(f"invalid blob name {sha256!r}: expected 64 lowercase hex digits")
+    return sha256
+
+
+def blob_meta_topic(sha256: str) -> str:
+    """Where the description (size, chunking) of blob ``sha256`` is retained."""
+    return f"{ROOT}/{BLOBS}/{_check_sha256(sha256)}/{BLOB_META}"
+
+
+def blob_chunk_topic(sha256: str, index: int) -> str:
+    """Where chunk ``index`` of blob ``sha256`` is retained."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 10**9:
+        raise ValueError(f"invalid chunk index {index!r}")
+    return f"{ROOT}/{BLOBS}/{_check_sha256(sha256)}/{index}"
+
+
+def blob_filter() -> str:
+    """Every blob topic (a subscription filter; also what the ACL lets devices read)."""
+    return f"{ROOT}/{BLOBS}/#"
+
+
+def parse_blob_topic(topic: str) -> tuple[str, int | None]:
+    """``(sha256, chunk index)`` of a blob topic, index ``None`` for its meta;
+    ``ValueError`` if ``topic`` is not one."""
+    prefix = f"{ROOT}/{BLOBS}/"
+    rest = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+    if len(rest) != 2:
+        raise ValueError(f"topic {topic!r} is not {prefix}<sha256>/<meta|index>")
+    sha256, leaf = rest
+    _check_sha256(sha256)
+    if leaf == BLOB_META:
+        return sha256, None
+    if not _INDEX.match(leaf):
+        raise ValueError(f"topic {topic!r} names no chunk index")
+    return sha256, int(leaf)
+
+
+def acl_blob_topics() -> list[tuple[str, str]]:
+    """(access, topic) on the blob topics every device has: read, never write.
+
+    Blobs are not secret within the fleet (every device may install every
+    release) and need no trust in whoever wrote them: TUF verifies the bytes."""
+    return [("read", blob_filter())]

@@ -24,7 +24,15 @@ from cloud.broker import (
 )
 from cloud.pki import CertificateAuthority
 from shared.errors import ConfigError
-from shared.topics import Channel, device_topic, repo_request_topic, repo_response_topic
+from shared.topics import (
+    Channel,
+    blob_chunk_topic,
+    blob_filter,
+    blob_meta_topic,
+    device_topic,
+    repo_request_topic,
+    repo_response_topic,
+)
 from tests.attacks.secure_env import NOT_AUTHORIZED, Probe, SecureBroker, probe, secure_broker
 
 pytestmark = pytest.mark.integration
@@ -114,6 +122,32 @@ def test_repository_service_has_least_privilege(sec: SecureBroker) -> None:
         assert repo.wait_message(repo_request_topic("dev-a")) == b"req"
         time.sleep(0.3)
         assert {t for t, _, _ in repo.messages} == {repo_request_topic("dev-a")}
+
+
+def test_devices_read_release_blobs_but_never_write_them(sec: SecureBroker) -> None:
+    sha = "ab" * 32
+    fanout = sec.service_tls(sec.ca.issue_service_identity("edgefleet-fanout"))
+    chunk0, chunk1 = blob_chunk_topic(sha, 0), blob_chunk_topic(sha, 1)
+    with (
+        probe(sec.port, tls=fanout, client_id="f") as f,
+        probe(sec.port, tls=sec.service_tls(sec.repo), client_id="r") as repo,
+        probe(sec.port, tls=sec.device_tls("dev-a"), client_id="dev-a") as a,
+    ):
+        # No device (nor the repository server) can put bytes in front of the fleet ...
+        for topic in (blob_meta_topic(sha), chunk0, chunk1):
+            assert a.publish(topic, b"evil", retain=True) == NOT_AUTHORIZED, topic
+            assert repo.publish(topic, b"evil", retain=True) == NOT_AUTHORIZED, topic
+        # ... the fan-out's identity can, and nothing else.
+        assert f.publish(chunk0, b"chunk", retain=True) < NOT_AUTHORIZED
+        assert f.publish(device_topic("dev-a", Channel.DESIRED), b"d") == NOT_AUTHORIZED
+        assert a.subscribe(blob_filter()) == 1
+        assert a.wait_message(chunk0) == b"chunk"
+        time.sleep(0.3)
+        assert [(t, p) for t, p, _ in a.messages] == [(chunk0, b"chunk")]
+        # A revoked device gets no more blobs either.
+        sec.revoke("dev-a")
+        assert f.publish(chunk1, b"next", retain=True) < NOT_AUTHORIZED
+        assert a.wait_message(chunk1, timeout=1.0) is None
 
 
 def test_new_service_identity_is_granted_after_sync(sec: SecureBroker) -> None:
@@ -216,6 +250,11 @@ def test_rendered_config_keeps_limits_raised_and_identity_bound(tmp_path: Path) 
     acl = render_acl(BrokerSecurity(tls, denied=("dev-x",)))
     assert "pattern write edgefleet/v1/devices/%u/desired" not in acl
     assert "pattern read edgefleet/v1/devices/%u/desired" in acl
+    assert "pattern read edgefleet/v1/blobs/#" in acl.splitlines()
+    assert not any(
+        line.startswith("pattern") and "blobs" in line and "read " not in line
+        for line in acl.splitlines()
+    ), "devices never write blobs"
     assert acl.rstrip().endswith("user dev-x\ntopic deny #")
     with pytest.raises(ConfigError, match="cannot be an MQTT username"):
         BrokerSecurity(tls, services={"evil\ntopic readwrite #": "cloud"})
