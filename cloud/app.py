@@ -18,13 +18,17 @@ from fastapi.staticfiles import StaticFiles
 from cloud import __version__
 from cloud.api import ROUTERS
 from cloud.api.deps import CloudContext
+from cloud.api.devices import publish_desired
 from cloud.config import CloudSettings
 from cloud.db import Database
+from cloud.device_registry import DeviceRegistry
 from cloud.fleet import FleetView
 from cloud.ingest.services import Observability
 from cloud.metrics import ApiLatencyMiddleware
 from cloud.mqtt_bridge import CloudMqtt
 from cloud.releases import ReleaseService
+from cloud.rollouts.controller import RolloutController
+from cloud.rollouts.service import RolloutService
 from cloud.tuf_repo import ReleaseRepository
 
 __all__ = ["CloudContext", "create_app"]
@@ -49,6 +53,8 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
     fleet = FleetView()
     db = Database(settings.db_url)
     db.create_all()
+    registry = DeviceRegistry(db)
+    fleet.listeners.append(registry.observe)
     if settings.unsafe_disable_auth:
         log.warning("unsafe_disable_auth is set: the operator API accepts anyone")
 
@@ -56,6 +62,7 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx: CloudContext = app.state.ctx
         stop = threading.Event()
+        registry.start()
         if connect_mqtt:
             ctx.mqtt = CloudMqtt(
                 settings.broker_host,
@@ -66,6 +73,12 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
                 tls=settings.broker_tls,
             )
             ctx.mqtt.start()
+            from cloud.fanout import BlobFanout
+
+            # Release blobs go out once, retained, on a connection of their own.
+            ctx.fanout = BlobFanout.from_settings(settings, repo)  # None: EDGEFLEET_FANOUT off
+            if ctx.fanout is not None:
+                ctx.fanout.start()
         app.state.observability.start(ctx, ingest=connect_mqtt)
         repo_server = None
         if connect_mqtt and settings.mqtt_repo:
@@ -77,6 +90,11 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
                 settings.broker_port,
                 tls=settings.broker_tls,
             ).start()
+        controller = None
+        if connect_mqtt and settings.rollout_controller:
+            controller = RolloutController(
+                ctx.rollouts, settings.rollout_tick, metrics=app.state.observability.metrics
+            ).start()
         repo.refresh()
         refresher = threading.Thread(
             target=_refresh_loop, args=(ctx, stop), daemon=True, name="tuf-refresh"
@@ -86,21 +104,36 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
             yield
         finally:
             stop.set()
+            if controller is not None:
+                controller.stop()
             app.state.observability.stop()
             if repo_server is not None:
                 repo_server.stop()
+            if ctx.fanout is not None:
+                ctx.fanout.stop()
             if ctx.mqtt is not None:
                 ctx.mqtt.stop()
+            registry.stop()
             db.dispose()
 
     app = FastAPI(title="edgefleet cloud", version=__version__, lifespan=lifespan)
-    app.state.ctx = CloudContext(
+    releases = ReleaseService(repo, db=db)
+    app.state.ctx = ctx = CloudContext(
         settings=settings,
         db=db,
         repo=repo,
-        releases=ReleaseService(repo, db=db),
+        releases=releases,
         fleet=fleet,
         mqtt=None,
+        registry=registry,
+        rollouts=RolloutService(
+            db,
+            releases,
+            fleet,
+            lambda ids, model, release, rid, deadline: publish_desired(
+                ctx, ids, model, release, rollout_id=rid, deadline=deadline
+            ),
+        ),
     )
     # Telemetry ingest, drift monitor, retrain loop, /metrics (cloud.ingest.services).
     app.state.observability = Observability.create(settings, db, fleet, app.state.ctx.releases)

@@ -40,6 +40,13 @@ class CloudSettings(BaseSettings):
     #: ``mqtt://edgefleet-repo/``). On a secure broker this connection needs its own
     #: service identity: run ``edgefleet-cloud repo-mqtt`` with it instead.
     mqtt_repo: bool = False
+    #: Fan release blobs out through the broker (``cloud.fanout``): each target is
+    #: published once, retained, and the broker copies it to every device whose
+    #: ``blob_source`` is ``auto`` or ``mqtt``. On a secure broker it connects as
+    #: ``edgefleet-fanout`` (issued from the CA in ``<data dir>/pki``).
+    fanout: bool = True
+    #: Chunk size of fanned-out blobs; a chunk must fit the broker's ``max_packet_size``.
+    fanout_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
 
     @property
     def broker_tls(self) -> dict[str, str] | None:
@@ -70,6 +77,12 @@ class CloudSettings(BaseSettings):
     #: Retraining job a drift alert starts (``digits-shift``, or a command); none by default.
     retrain_job: str | None = None
     retrain_canary_devices: int = Field(default=1, ge=1)
+
+    # -- device registry and rollouts (cloud.device_registry, cloud.rollouts) --
+    #: Run the rollout controller in this process (exactly one process per database).
+    rollout_controller: bool = True
+    #: Seconds between the controller's looks at the live rollouts.
+    rollout_tick: float = Field(default=1.0, gt=0, le=60)
 
     @property
     def db_url(self) -> str:

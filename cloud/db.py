@@ -52,7 +52,8 @@ class Database:
 
     def create_all(self) -> None:
         """Create every table whose module has been imported (idempotent)."""
-        import cloud.auth, cloud.ingest.tables, cloud.registry.tables  # noqa: E401, F401, I001
+        import cloud.auth, cloud.device_registry, cloud.ingest.tables  # noqa: E401, I001
+        import cloud.registry.tables, cloud.rollouts.tables  # noqa: E401, F401
 
         Base.metadata.create_all(self.engine)
 

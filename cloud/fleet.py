@@ -85,6 +85,8 @@ class FleetView:
         self.messages = 0
         self.on_event: Callable[[str], None] | None = None
         self.on_update_reached: Callable[[float], None] | None = None
+        #: Called with every applied message, outside the lock (the device registry).
+        self.listeners: list[Callable[[Message, float], None]] = []
 
     def _get(self, device_id: str) -> DeviceView:
         view = self._devices.get(device_id)
@@ -93,6 +95,11 @@ class FleetView:
         return view
 
     def apply(self, msg: Message, received_at: float) -> None:
+        self._apply(msg, received_at)
+        for listener in self.listeners:
+            listener(msg, received_at)
+
+    def _apply(self, msg: Message, received_at: float) -> None:
         with self._lock:
             self.messages += 1
             view = self._get(msg.device_id)
@@ -174,3 +181,26 @@ class FleetView:
     def device_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._devices)
+
+    def reported_many(self, device_ids: list[str]) -> list[Reported]:
+        """The latest reported state of each of ``device_ids`` that has one."""
+        with self._lock:
+            out = []
+            for d in device_ids:
+                view = self._devices.get(d)
+                if view is not None and view.reported is not None:
+                    out.append(view.reported)
+            return out
+
+    def devices_on(self, model: str, release: int) -> list[str]:
+        """Devices told to run ``model`` release ``release`` (or running it, untold)."""
+        with self._lock:
+            out = []
+            for d, v in sorted(self._devices.items()):
+                r, want = v.reported, v.desired
+                # The desired state decides (a device already sent elsewhere is not
+                # "on" it any more); a device with none is judged by what it runs.
+                on = want if want is not None else r
+                if on is not None and (on.model, on.release) == (model, release):
+                    out.append(d)
+            return out

@@ -279,7 +279,7 @@ class CloudMetrics:
             buckets=UPDATE_BUCKETS,
             registry=reg,
         )
-        # Set by the rollout engine (and, until it exists, by the retrain loop).
+        # Set by the rollout controller (cloud.rollouts.controller) and the retrain loop.
         self.rollout_progress = Gauge(
             "edgefleet_rollout_progress_ratio",
             "Share of a rollout's devices on its release",
@@ -290,6 +290,12 @@ class CloudMetrics:
             "edgefleet_rollout_devices",
             "Devices of a rollout by state",
             ["rollout_id", "state"],
+            registry=reg,
+        )
+        self.rollout_decisions = Counter(
+            "edgefleet_rollout_decisions",
+            "Rollout decisions by kind (wave_started, gate_failed, aborted ...)",
+            ["kind"],
             registry=reg,
         )
         self.retrain_runs = Counter(

@@ -326,6 +326,20 @@ class ReleaseRepository:
         """Every target the current signed targets metadata lists."""
         return dict(self._load().targets.signed.targets)
 
+    def read_target(self, path: str) -> bytes:
+        """The bytes of listed target ``path``, checked against its signed sha256."""
+        info = self.list_targets().get(path)
+        if info is None:
+            raise TargetPathError(f"target {path!r} is not listed in the signed targets")
+        sha = info.hashes["sha256"]
+        try:
+            data = self._blob_path(path, sha).read_bytes()
+        except OSError as e:
+            raise RepositoryStateError(f"target {path!r} is listed but unreadable: {e}") from e
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise RepositoryStateError(f"target {path!r} on disk does not match its signed hash")
+        return data
+
     def targets_version(self) -> int:
         return self._load().targets.signed.version
 
@@ -535,8 +549,8 @@ class ReleaseRepository:
                 if len(role.keyids) - 1 < role.threshold:
                     raise SigningKeyError(
                         f"revoking {keyid[:12]} would leave {r} with {len(role.keyids) - 1} keys "
-                        f"for a threshold of {role.threshold}; use rotate_role_key({r!r}, "
-                        "keyid=...) to replace it with a new key instead"
+                        f"for a threshold of {role.threshold}; replace it with a new key instead: "
+                        f"edgefleet-cloud key rotate --role {r} --keyid {keyid}"
                     )
                 new_root.revoke_key(keyid, r)
             version = self._change_root(state, new_root, now, root_key_files, retired=[keyid])
@@ -751,7 +765,7 @@ class ReleaseRepository:
                         f"cannot sign {role}: root v{root.version} needs {result.threshold} "
                         f"signature(s) from keys {_short(root.roles[role].keyids)} but no private "
                         f"key for them is in {self.keys_dir / ONLINE_KEYS}; restore the key file, "
-                        f"or replace the key with rotate_role_key({role!r})"
+                        f"or replace the key: edgefleet-cloud key rotate --role {role}"
                     )
                 logger.warning(
                     "old %s key unavailable: devices may fail once during rotation", role

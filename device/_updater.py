@@ -54,6 +54,7 @@ from shared.messages import Desired, ErrorInfo, Event, EventKind, UpdateState
 
 if TYPE_CHECKING:
     from device.agent import Agent
+    from device.blob_fetcher import BlobFetcher
     from device.http_fetcher import ResumableHttpFetcher
     from device.mqtt_fetcher import MqttFetcher
     from device.tuf_client import ReleaseClient, VerifiedRelease
@@ -119,6 +120,7 @@ class UpdateMachine:
         )
         self.download_dir = cfg.data_dir / "download"
         self._fetcher: ResumableHttpFetcher | MqttFetcher | None = None
+        self._blobs: BlobFetcher | None = None
         self._delays = fault_delays()
         #: The model that served before the swap, kept loaded during probation.
         self._previous_model: LoadedModel | None = None
@@ -265,12 +267,34 @@ class UpdateMachine:
             )
         return self._fetcher
 
+    @property
+    def blobs(self) -> BlobFetcher | None:
+        """Release files from the broker's retained blobs on the agent's own
+        connection (``blob_source`` ``auto`` or ``mqtt``), or ``None`` (``http``)."""
+        source = self.agent.cfg.blob_source
+        if self._blobs is None and source != "http":
+            from device.blob_fetcher import BlobFetcher
+
+            self._blobs = BlobFetcher.for_session(
+                self.agent.session, self.download_dir / "partial", mode=source
+            )
+        return self._blobs
+
+    def _discard_partials(self) -> None:
+        self.fetcher.discard_partials()
+        if self.blobs is not None:
+            self.blobs.discard_partials()
+
     def _client(self) -> ReleaseClient:
         from device.tuf_client import ReleaseClient
 
         cfg = self.agent.cfg
         return ReleaseClient(
-            cfg.data_dir / "tuf", cfg.root_path, cfg.repo_url, fetcher=self.fetcher
+            cfg.data_dir / "tuf",
+            cfg.root_path,
+            cfg.repo_url,
+            fetcher=self.fetcher,
+            blobs=self.blobs,
         )
 
     # -- one update ----------------------------------------------------------------
@@ -313,6 +337,7 @@ class UpdateMachine:
             agent_version=__version__,
             runtime_ops=supported_builtin_ops(),
             hardware_tags=frozenset(a.cfg.hardware_tags),
+            runtime=a.runtime_name,
         )
         dest = self.download_dir / f"{desired.model}-{desired.release}"
         self._clean_downloads(keep=dest)
@@ -402,14 +427,16 @@ class UpdateMachine:
                 self._announce(EventKind.DOWNLOADING, progress=round(frac, 3))
 
         self.fetcher.used_partial = False
+        if self.blobs is not None:
+            self.blobs.used_partial = False
         try:
             return client.fetch_release(manifest.model, manifest.release, dest, progress)
         except VerificationError:
-            if not self.fetcher.used_partial:
+            if not (self.fetcher.used_partial or (self.blobs and self.blobs.used_partial)):
                 raise
             # Bytes kept from an earlier attempt may be what failed: not the release's fault.
             log.warning("verification failed on a resumed download; downloading afresh")
-            self.fetcher.discard_partials()
+            self._discard_partials()
             shutil.rmtree(dest, ignore_errors=True)
             return client.fetch_release(manifest.model, manifest.release, dest, progress)
 
@@ -445,7 +472,7 @@ class UpdateMachine:
         if old is not None:
             old.close(a.server.drain_timeout)
         self._clean_downloads(keep=None)
-        self.fetcher.discard_partials()
+        self._discard_partials()
         with self._lock:
             a._last_error = None
         self._persist(
@@ -461,6 +488,15 @@ class UpdateMachine:
         running = a._running
         if running is not None:
             log.info("committed release %s of %s", running.manifest.release, running.manifest.model)
+
+    def settle(self) -> None:
+        """End a failed or rolled-back update whose target is no longer wanted: the
+        device runs what it is told to run. Its refusal stays in the journal."""
+        a = self.agent
+        with self._lock:
+            a._last_error = None
+        self._persist(UpdateState.IDLE, target=None, slot=None, previous=None, reason=None)
+        a._report()
 
     def rollback(self, reason: ErrorInfo) -> None:
         """Serve the previous slot again; the release on probation is rejected."""
@@ -514,7 +550,7 @@ class UpdateMachine:
                 shutil.rmtree(
                     self.download_dir / f"{target.model}-{target.release}", ignore_errors=True
                 )
-                self.fetcher.discard_partials()
+                self._discard_partials()
         except (OSError, StorageError) as e:
             log.error("cleaning up after the failed update: %s", e)
         try:
@@ -540,3 +576,5 @@ class UpdateMachine:
             old.close(0)
         if self._fetcher is not None:
             self._fetcher.close()
+        if self._blobs is not None:
+            self._blobs.close()

@@ -43,12 +43,12 @@ from device.runtime import LoadedModel, ModelMeta, ModelServer, NoModelError, in
 from device.store import SlotContents, SlotStore, StoreState
 from device.telemetry import DriftContext, ProcessStats, TelemetryBuffer, TelemetryWindow
 from shared.drift import unpack_baseline
-from shared.errors import EdgefleetError
+from shared.errors import ConfigError, EdgefleetError
 from shared.manifest import ReleaseManifest
 from shared.messages import Desired, ErrorInfo, HardwareInfo, Reported, UpdateState
 from shared.selftest import check_outputs, unpack_vectors
 
-__all__ = ["Agent", "AgentConfig"]
+__all__ = ["BLOB_SOURCES", "Agent", "AgentConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 TELEMETRY_BUFFER = "telemetry-buffer.json"
 #: Inference errors logged with a traceback: the first, then one in this many.
 ERROR_LOG_EVERY = 1000
+#: Where release files come from (``AgentConfig.blob_source``; ``device.blob_fetcher``).
+BLOB_SOURCES = ("auto", "mqtt", "http")
 
 
 @dataclass
@@ -88,6 +90,17 @@ class AgentConfig:
     max_update_crashes: int = 3
     #: Use signed binary deltas against the running model when a release offers one.
     use_deltas: bool = True
+    #: Release files (TUF targets) from the broker's retained blobs, which the cloud
+    #: publishes once for the whole fleet: ``auto`` when the broker holds them, else
+    #: from ``repo_url``; ``mqtt`` only from the broker; ``http`` never from it.
+    #: Metadata always comes from ``repo_url``, and TUF verifies every byte.
+    blob_source: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.blob_source not in BLOB_SOURCES:
+            raise ConfigError(
+                f"blob_source = {self.blob_source!r}: use one of {', '.join(BLOB_SOURCES)}"
+            )
 
     @property
     def root_path(self) -> Path:
@@ -310,6 +323,10 @@ class Agent:
             desired.model,
             desired.release,
         ):
+            # Told to run what it runs after a refused or rolled-back update (a fleet
+            # rollback pointing it back): that update is over, the device is settled.
+            if self.updater.j.state in (UpdateState.FAILED, UpdateState.ROLLED_BACK):
+                self.updater.settle()
             return None
         if self.updater.j.is_rejected(desired):
             return None

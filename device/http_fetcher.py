@@ -127,7 +127,9 @@ class ResumableHttpFetcher(FetcherInterface):
         except urllib3.exceptions.HTTPError as e:
             raise tuf_errors.DownloadError(f"{url}: {e}") from e
         if response.status >= 400 and response.status != 416:
-            response.release_conn()
+            # Its body was never read: back in the pool, that body would be taken for
+            # the status line of the next response on the connection. Close it.
+            response.close()
             raise tuf_errors.DownloadHTTPError(
                 f"HTTP error {response.status} for {url}", response.status
             )

@@ -54,6 +54,10 @@ class FleetOptions:
     #: A cloud data dir with releases already published, copied instead of starting empty.
     cloud_template: Path | None = None
     online_timeout: float = 120.0
+    #: Hardware tags per device id (``group:<name>`` puts a device in a group).
+    hardware_tags: dict[str, list[str]] = field(default_factory=dict)
+    #: More agent.toml settings for every device (``probation_s``, ``blob_source`` ...).
+    agent_settings: dict[str, Any] = field(default_factory=dict)
 
 
 class SimFleet:
@@ -196,6 +200,8 @@ class SimFleet:
             repo_url=f"http://{self.cloud_host}:{http}/tuf/",
             inference_interval=self.options.inference_interval,
             telemetry_interval=self.options.telemetry_interval,
+            hardware_tags=self.options.hardware_tags.get(device_id, []),
+            **self.options.agent_settings,
         )
 
     @property

@@ -36,6 +36,7 @@ __all__ = [
     "TensorSpec",
     "check_compatible",
     "parse_version",
+    "runtime_allowed",
     "target_path",
 ]
 
@@ -115,6 +116,13 @@ class RuntimeNeeds(_Strict):
     ops: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=512)] = []
     #: If non-empty, a device needs at least one of these hardware tags.
     hardware_tags: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=32)] = []
+    #: If non-empty, the device runtime must be one of these (``ai-edge-litert``,
+    #: ``tflite-runtime``, ``tensorflow``), optionally with a minimum version:
+    #: ``ai-edge-litert>=2.0``.
+    runtimes: Annotated[
+        list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}(>=\d+(\.\d+){0,2})?$")]],
+        Field(max_length=8),
+    ] = []
 
 
 class DeltaBase(_Strict):
@@ -205,6 +213,7 @@ def check_compatible(
     agent_version: str,
     runtime_ops: frozenset[str] | None,
     hardware_tags: frozenset[str],
+    runtime: str | None = None,
 ) -> None:
     """Raise ``IncompatibleReleaseError`` if this device cannot run ``manifest``.
 
@@ -227,9 +236,38 @@ def check_compatible(
             raise IncompatibleReleaseError(
                 f"release {manifest.release} uses ops this runtime lacks: {', '.join(missing)}"
             )
+    if (
+        manifest.runtime.runtimes
+        and runtime is not None
+        and not runtime_allowed(manifest.runtime.runtimes, runtime)
+    ):
+        raise IncompatibleReleaseError(
+            f"release {manifest.release} runs on {manifest.runtime.runtimes}, "
+            f"this device has {runtime!r}"
+        )
     wanted = set(manifest.runtime.hardware_tags)
     if wanted and not wanted & hardware_tags:
         raise IncompatibleReleaseError(
             f"release {manifest.release} needs one of the hardware tags {sorted(wanted)}, "
             f"this device has {sorted(hardware_tags)}"
         )
+
+
+def runtime_allowed(allowed: list[str], runtime: str) -> bool:
+    """Whether a device runtime described as ``"<name> <version>"`` (what agents
+    report, e.g. ``"ai-edge-litert 2.3.0"``) matches one of ``allowed``."""
+    name, _, ver = runtime.strip().partition(" ")
+    for rule in allowed:
+        want, _, minimum = rule.partition(">=")
+        if want != name.lower():
+            continue
+        if not minimum:
+            return True
+        try:
+            have = parse_version((ver.strip() or "0") + ".0.0")
+            need = parse_version(minimum + ".0.0")
+        except ValueError:
+            return False
+        if have >= need:
+            return True
+    return False

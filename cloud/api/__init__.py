@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cloud.api import devices, enroll, models, observability, releases, system
+from cloud.api import devices, enroll, models, observability, releases, rollouts, system
 
 __all__ = ["ROUTERS"]
 
@@ -17,6 +17,7 @@ ROUTERS: list[APIRouter] = [
     system.router,
     releases.router,
     devices.router,
+    rollouts.router,
     enroll.router,
     models.router,
     observability.router,

@@ -9,9 +9,12 @@ from fastapi import Depends, Request
 
 from cloud.config import CloudSettings
 from cloud.db import Database
+from cloud.device_registry import DeviceRegistry
+from cloud.fanout import BlobFanout
 from cloud.fleet import FleetView
 from cloud.mqtt_bridge import CloudMqtt
 from cloud.releases import ReleaseService
+from cloud.rollouts.service import RolloutService
 from cloud.tuf_repo import ReleaseRepository
 
 __all__ = ["CloudContext", "Ctx"]
@@ -27,6 +30,10 @@ class CloudContext:
     releases: ReleaseService
     fleet: FleetView
     mqtt: CloudMqtt | None
+    registry: DeviceRegistry
+    rollouts: RolloutService
+    #: Release blobs fanned out through the broker (``None``: off, or no broker).
+    fanout: BlobFanout | None = None
 
 
 def _ctx(request: Request) -> CloudContext:

@@ -14,12 +14,12 @@ import argparse
 import logging
 import sys
 
-from cloud.cli import fleet, models, observability, releases, security, service
+from cloud.cli import fleet, models, observability, releases, rollouts, security, service
 from shared.errors import EdgefleetError
 
 __all__ = ["build_parser", "main"]
 
-COMMAND_MODULES = [service, releases, fleet, security, models, observability]
+COMMAND_MODULES = [service, releases, fleet, rollouts, security, models, observability]
 
 
 def build_parser() -> argparse.ArgumentParser:

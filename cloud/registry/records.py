@@ -30,7 +30,13 @@ from cloud.registry.tables import (
 from shared.errors import StorageError
 from shared.manifest import ReleaseManifest, TensorSpec
 
-__all__ = ["artifacts_from", "build_json", "get_or_create_model", "record_release"]
+__all__ = [
+    "artifacts_from",
+    "build_json",
+    "get_or_create_model",
+    "record_release",
+    "record_rerelease",
+]
 
 _MAX_WHO = 64
 _MAX_VERSION = 32
@@ -172,6 +178,52 @@ def record_release(
         raise ConflictError(
             f"release {manifest.release} of {manifest.model} is already in the registry "
             "(published at the same time by someone else, or delisted from TUF); "
+            "nothing was published, try again"
+        ) from e
+    return record
+
+
+def record_rerelease(
+    s: Session,
+    manifest: ReleaseManifest,
+    from_release: int,
+    model_bytes: bytes,
+    *,
+    published_by: str | None,
+    published_at: float,
+) -> ReleaseRecord | None:
+    """Add the row of a re-release (a fleet rollback): it shares the lineage of the
+    release whose bytes it carries. ``None`` if that release is not in the registry
+    (published before the registry existed): there is no lineage to point at."""
+    import hashlib
+
+    who = clip_who(published_by)
+    model = get_or_create_model(s, manifest.model, who, published_at)
+    old = s.scalar(
+        select(ReleaseRecord).where(
+            ReleaseRecord.model_id == model.id, ReleaseRecord.release == from_release
+        )
+    )
+    if old is None:
+        return None
+    record = ReleaseRecord(
+        model_id=model.id,
+        release=manifest.release,
+        lineage_id=old.lineage_id,
+        quantization=manifest.quantization,
+        target=manifest.model_target,
+        model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+        size_bytes=len(model_bytes),
+        metrics={**dict(manifest.metrics)},
+        published_by=who,
+        published_at=published_at,
+    )
+    s.add(record)
+    try:
+        s.flush()
+    except IntegrityError as e:
+        raise ConflictError(
+            f"release {manifest.release} of {manifest.model} is already in the registry; "
             "nothing was published, try again"
         ) from e
     return record

@@ -41,6 +41,10 @@ MUTATING = {"post", "put", "patch", "delete"}
 NOT_OPERATOR_ROUTES = {
     ("post", "/api/v1/enroll"): "a one-time bootstrap token, bound to one device id",
 }
+#: Routes an operator token is not enough for (the viewer is told it needs admin).
+ADMIN_ROUTES = {
+    ("delete", "/api/v1/releases/{model}/{release}"),
+}
 
 
 @pytest.fixture
@@ -116,6 +120,8 @@ def test_api_call_without_or_with_viewer_token_refused(
     for method, path in routes:
         url = cloud.url + re.sub(r"\{[^}]+\}", VICTIM, path)
         for what, (headers, status, reason) in attempts.items():
+            if what == "viewer token" and (method, path) in ADMIN_ROUTES:
+                reason = "needs admin"
             r = httpx.request(method, url, json=_body(method, path), headers=headers, timeout=10)
             assert r.status_code == status, (method, path, what, r.text)
             assert reason in r.json()["detail"], (method, path, what)
@@ -166,6 +172,7 @@ def test_every_mutating_route_requires_operator_or_admin(tmp_path: Path) -> None
 
     app = create_app(CloudSettings(data_dir=tmp_path / "cloud"), connect_mqtt=False)
     seen = 0
+    admin: set[tuple[str, str]] = set()
     for route in _api_routes(app.routes):
         if route.path == "/api/v1/devices" and "GET" in route.methods:
             assert _required_roles(route) == {Role.VIEWER}  # the audit sees roles at all
@@ -177,7 +184,10 @@ def test_every_mutating_route_requires_operator_or_admin(tmp_path: Path) -> None
             assert roles and min(r.rank for r in roles) >= Role.OPERATOR.rank, (
                 f"{method.upper()} {route.path} changes state but requires {roles or 'no role'}"
             )
+            if roles == {Role.ADMIN}:
+                admin.add((method, route.path))
     assert seen >= 2
+    assert admin == ADMIN_ROUTES
 
 
 class _Everything(logging.Handler):

@@ -10,8 +10,6 @@ are skipped, with the reason, only when no server answers.
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,10 @@ from cloud.releases import ReleaseService
 from cloud.tuf_repo import ReleaseRepository
 from shared.errors import PipelineError, StorageError
 from tests.helpers_models import custom_op_tflite, tiny_tflite
+from tests.pg import open_database
 
 pytestmark = pytest.mark.integration
 
-PG_ADMIN = os.environ.get(
-    "EDGEFLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 #: Out of int8's reach on purpose (its output step alone is 1/256).
 STRICT = GateConfig(max_accuracy_drop=0.0, min_top1_agreement=1.0, max_abs_error=1e-4)
 
@@ -53,37 +49,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"dir": d, "splits": splits, "model": model}
 
 
-def _pg_database() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL server answers at {PG_ADMIN}: {e}")
-    name = f"edgefleet_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-            yield f"{base}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        urls: Iterator[str] = iter([f"sqlite:///{tmp_path / 'registry.db'}"])
-    else:
-        urls = _pg_database()
-    url = next(urls)
-    database = Database(url)
-    try:
-        database.create_all()
-        yield database
-    finally:
-        database.dispose()
-        for _ in urls:  # runs the generator's cleanup (drops the PostgreSQL database)
-            pass
+    yield from open_database(request.param, tmp_path)
 
 
 @pytest.fixture
