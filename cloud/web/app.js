@@ -50,6 +50,7 @@ function renderFleet(devices) {
     tr.dataset.device = d.device_id;
     cell(tr, d.device_id, "mono");
     cell(tr, d.online ? "online" : "offline", d.online ? "ok" : "bad");
+    cell(tr, d.group);
     cell(tr, d.model);
     cell(tr, d.release);
     cell(tr, d.state, d.state === "rolled_back" || d.state === "failed" ? "bad" : "");
@@ -111,6 +112,52 @@ function renderReleases(releases, devices, retrain) {
       `(${r.group}): ${r.state} — ${r.detail}`;
     list.appendChild(li);
   }
+}
+
+function progressBar(fraction, text) {
+  const wrap = document.createElement("span");
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  const fill = document.createElement("span");
+  fill.style.width = `${Math.round(100 * Math.max(0, Math.min(1, fraction)))}%`;
+  bar.appendChild(fill);
+  const label = document.createElement("small");
+  label.textContent = text;
+  wrap.append(bar, label);
+  return wrap;
+}
+
+async function renderRollouts(rollouts) {
+  const body = $("rollouts").querySelector("tbody");
+  // Wave detail for live rollouts (a few at most); the list has the rest.
+  const live = rollouts.filter((r) => r.state === "running" || r.state === "paused").slice(0, 5);
+  const detail = new Map(await Promise.all(
+    live.map(async (r) => [r.id, await api(`/api/v1/rollouts/${encodeURIComponent(r.id)}`)])));
+  body.replaceChildren();
+  for (const r of rollouts.slice(0, 10)) {
+    const tr = document.createElement("tr");
+    tr.dataset.rollout = r.id;
+    cell(tr, r.id, "mono");
+    cell(tr, `${r.model} ${r.release}`);
+    cell(tr, r.state, r.state === "aborted" ? "bad" : r.state === "completed" ? "ok" : "");
+    const waves = cell(tr, "");
+    const d = detail.get(r.id);
+    if (d) {
+      for (const w of d.wave_detail) {
+        const done = (w.counts.updated || 0) / Math.max(1, w.devices);
+        waves.appendChild(progressBar(done, `${w.wave}: ${w.counts.updated || 0}/${w.devices}`));
+      }
+    } else {
+      waves.textContent = `${r.wave} / ${r.waves}`;
+    }
+    const updated = r.counts.updated || 0;
+    cell(tr, "").appendChild(progressBar(r.progress, `${updated} / ${r.devices}`));
+    const failed = (r.counts.failed || 0) + (r.counts.missed || 0);
+    cell(tr, failed ? `${r.devices} (${failed} failed or missed)` : r.devices, failed ? "bad" : "");
+    cell(tr, r.reason);
+    body.appendChild(tr);
+  }
+  $("rollouts-empty").hidden = rollouts.length > 0;
 }
 
 function renderLatency(series) {
@@ -181,13 +228,14 @@ function renderTiles(summary, ingest) {
 
 async function refresh() {
   try {
-    const [devices, releases, summary, series, drift, driftSeries, alerts, retrain, ingest] =
-      await Promise.all([
+    const [devices, releases, summary, series, drift, driftSeries, alerts, retrain, ingest,
+      rollouts] = await Promise.all([
         api("/api/v1/devices"), api("/api/v1/releases"),
         api("/api/v1/telemetry/summary?minutes=5"), api("/api/v1/telemetry/series?minutes=15"),
         api("/api/v1/drift"), api("/api/v1/drift/series?minutes=60"), api("/api/v1/alerts"),
-        api("/api/v1/retrain"), api("/api/v1/telemetry/ingest")]);
+        api("/api/v1/retrain"), api("/api/v1/telemetry/ingest"), api("/api/v1/rollouts?limit=20")]);
     renderFleet(devices);
+    await renderRollouts(rollouts);
     renderReleases(releases, devices, retrain);
     renderTiles(summary, ingest);
     renderLatency(series);

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import httpx
 import pytest
 
 from cloud.ingest.testing import FakeDevice, publish_synthetic_release
@@ -96,11 +97,27 @@ def test_dashboard_shows_fleet_and_charts(cloud) -> None:  # type: ignore[no-unt
             expect(page.locator("#t-online")).to_have_text("3 / 3")
             expect(page.locator("#status")).to_contain_text("live")
             # Live updates: new telemetry shows up without a reload.
-            before = page.locator('#fleet tr[data-device="dev-001"] td').nth(6).inner_text()
+            before = page.locator('#fleet tr[data-device="dev-001"] td').nth(7).inner_text()
             _feed(s.broker_port, devices[:1], rounds=2)
-            expect(page.locator('#fleet tr[data-device="dev-001"] td').nth(6)).not_to_have_text(
+            expect(page.locator('#fleet tr[data-device="dev-001"] td').nth(7)).not_to_have_text(
                 before, timeout=15_000
             )
+            # A rollout appears live, with its waves.
+            expect(page.locator("#rollouts-empty")).to_be_visible()
+            publish_synthetic_release(
+                ReleaseRepository.open(s.repo_dir, s.keys_dir), model="digits", release=2
+            )
+            r = httpx.post(
+                f"{cloud.url}/api/v1/rollouts",
+                headers=cloud.headers("operator"),
+                json={"model": "digits", "release": 2, "target": {"all": True}, "waves": [30, 100]},
+                timeout=30,
+            )
+            assert r.status_code == 201, r.text
+            row = page.locator(f'#rollouts tr[data-rollout="{r.json()["id"]}"]')
+            expect(row).to_contain_text("running")
+            expect(row).to_contain_text("1: 0/1")  # wave 1: one device offered, none there
+            expect(row).to_contain_text("0 / 3")
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert errors == [], errors
             # The token lives in this tab's sessionStorage only, never in a cookie.
