@@ -113,6 +113,31 @@ class CloudMqtt:
         if not info.is_published() or time.monotonic() > deadline:
             raise TransferError(f"broker did not acknowledge desired state for {desired.device_id}")
 
+    def publish_desired_many(self, desired: list[Desired], timeout: float = 30.0) -> None:
+        """Publish many retained desired states, then wait for every PUBACK: one
+        round trip for the batch instead of one per device (paho keeps up to
+        ``max_inflight_messages`` in flight and queues the rest)."""
+        infos = [
+            (
+                d.device_id,
+                self._client.publish(
+                    device_topic(d.device_id, Channel.DESIRED), encode(d), qos=1, retain=True
+                ),
+            )
+            for d in desired
+        ]
+        deadline = time.monotonic() + timeout
+        for device_id, info in infos:
+            try:
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as e:
+                raise TransferError(f"desired state for {device_id} not published: {e}") from e
+            if not info.is_published():
+                raise TransferError(
+                    f"broker did not acknowledge the desired state of {device_id} "
+                    f"(batch of {len(infos)}) within {timeout:g} s"
+                )
+
     def clear_desired(self, device_id: str) -> None:
         """Remove a device's retained desired state (an empty retained message)."""
         info = self._client.publish(

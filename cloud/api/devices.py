@@ -190,9 +190,8 @@ def publish_desired(
             # over HTTP what the broker lacks. The desired states still go out.
             log.warning("release %s/%s not fanned out through the broker: %s", model, release, e)
     now = time.time()
-    out = []
-    for device_id in device_ids:
-        desired = Desired(
+    out = [
+        Desired(
             device_id=device_id,
             model=model,
             release=release,
@@ -200,9 +199,13 @@ def publish_desired(
             deadline=deadline,
             issued_at=now,
         )
-        ctx.mqtt.publish_desired(desired)
-        ctx.fleet.record_desired(desired)
-        out.append(desired)
+        for device_id in device_ids
+    ]
+    for i in range(0, len(out), 1000):
+        batch = out[i : i + 1000]
+        ctx.mqtt.publish_desired_many(batch)
+        for desired in batch:
+            ctx.fleet.record_desired(desired)
     return out
 
 

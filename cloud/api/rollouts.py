@@ -13,8 +13,8 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.auth import Admin, Operator, Viewer
-from cloud.auth import Role
 from cloud.api.deps import Ctx
+from cloud.auth import Role
 from cloud.releases import UnknownReleaseError
 from cloud.rollouts.service import RolloutConflictError, RolloutNotFoundError, SelectionError
 from cloud.rollouts.spec import DeviceStatus, RolloutSpec, RolloutState
