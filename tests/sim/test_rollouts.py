@@ -207,3 +207,13 @@ def test_rollouts_on_a_threaded_fleet(tmp_path: Path, cloud_template: Path) -> N
         assert r.status_code == 200 and r.json()["group"] == "lab" and "bench" in r.json()["tags"]
         tagged = _api(fleet, "GET", "/api/v1/devices", params={"tag": "bench"}).json()
         assert [d["device_id"] for d in tagged] == ["dev-009"]
+
+        # -- a recall that also takes the release down needs an admin ---------------
+        r = _api(
+            fleet,
+            "POST",
+            f"/api/v1/releases/digits/{fresh}/recall",
+            json={"reason": "test", "take_down": True},
+        )
+        assert r.status_code == 403 and "take_down needs admin" in r.json()["detail"]
+        assert _api(fleet, "GET", f"/api/v1/releases/digits/{fresh}").status_code == 200
