@@ -3,12 +3,12 @@ canary, then to the fleet.
 
 ``RetrainLoop`` listens to the drift monitor. For an input-drift alert of a
 (model, release, group) it runs the configured job once (never twice for the
-same release and group), records every step in ``retrain_runs``, and deploys
-the proposed release through the existing desired-state path: first to
-``canary_devices`` devices of the group, and only when they all run it
-(verified, self-tested, through probation, not rolled back) to the rest of
-the devices on the drifted release. The rollout engine will replace this
-two-wave deployment; the job interface stays.
+same release and group), records every step in ``retrain_runs``, and hands the
+proposed release to the rollout engine (``cloud.rollouts``) as a two-wave
+rollout of the devices on the drifted release: ``canary_devices`` of them
+first, the rest only when every canary runs it (verified, self-tested, through
+probation, not rolled back) and the health gates hold. A canary that refuses
+it aborts the rollout, which points the canary back at the release it ran.
 
 Jobs (``retrain_job`` setting):
 
@@ -287,8 +287,12 @@ def job_from_setting(value: str | None, db: Database, data_dir: Path) -> Retrain
     raise ConfigError(f"unknown retrain_job {value!r}: use 'digits-shift' or 'cmd:<command>'")
 
 
-#: ``deploy(device_id, model, release, rollout_id)``: publish a desired state.
-Deploy = Callable[[str, str, int, str], None]
+class Rollouts(Protocol):
+    """What the loop needs of ``cloud.rollouts.service.RolloutService``."""
+
+    def start(self, spec: Any, created_by: str) -> dict[str, Any]: ...
+
+    def status(self, rollout_id: str) -> dict[str, Any]: ...
 
 
 class RetrainLoop:
@@ -299,13 +303,13 @@ class RetrainLoop:
         db: Database,
         fleet: FleetView,
         job: RetrainJob,
-        deploy: Deploy,
+        rollouts: Rollouts,
         *,
         canary_devices: int = 1,
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.db, self.fleet, self.job, self.deploy = db, fleet, job, deploy
+        self.db, self.fleet, self.job, self.rollouts = db, fleet, job, rollouts
         self.canary_devices = canary_devices
         self.metrics = metrics
         self.clock = clock
@@ -381,27 +385,18 @@ class RetrainLoop:
                 detail=f"release {new} published: {result.summary}",
             )
             targets = self._devices_on(req.model, req.release, req.group)
-            canary, rest = targets[: self.canary_devices], targets[self.canary_devices :]
-            self._update(
-                req.run_id,
-                state="canary",
-                canary=json.dumps(canary),
-                detail=f"{result.summary}; canary {', '.join(canary) or '-'}",
-            )
-            rollout = f"retrain-{req.run_id}"
-            started = self.clock()
-            self._wave(rollout, req.model, new, canary, CANARY_TIMEOUT, len(targets))
-            self._update(
-                req.run_id,
-                state="fleet",
-                detail=f"canary healthy; release {new} to {len(rest)} more devices",
-            )
-            self._wave(rollout, req.model, new, rest, FLEET_TIMEOUT, len(targets), done=canary)
+            if not targets:
+                raise PipelineError(
+                    f"no device of group {req.group!r} runs release {req.release} any more"
+                )
+            rid = self._start_rollout(req, new, targets)
+            self._follow(req, rid, new, len(targets))
             if self.metrics is not None:
-                self.metrics.fleet_update_seconds.observe(self.clock() - started)
                 self.metrics.retrain_runs.labels("done").inc()
             self._update(
-                req.run_id, state="done", detail=f"{len(targets)} devices run release {new}"
+                req.run_id,
+                state="done",
+                detail=f"rollout {rid}: {len(targets)} devices run release {new}",
             )
         except Exception as e:
             log.exception("retrain run %d failed", req.run_id)
@@ -423,40 +418,57 @@ class RetrainLoop:
             if d["model"] == model and d["release"] == release and d["device_id"] in in_group
         ]
 
-    def _wave(
-        self,
-        rollout: str,
-        model: str,
-        release: int,
-        devices: list[str],
-        timeout: float,
-        total: int,
-        done: list[str] | None = None,
-    ) -> None:
-        for device_id in devices:
-            self.deploy(device_id, model, release, rollout)
-        deadline = self.clock() + timeout
-        pending = set(devices)
-        while pending:
+    def _start_rollout(self, req: RetrainRequest, release: int, targets: list[str]) -> str:
+        from cloud.rollouts.spec import RolloutSpec, Target
+
+        canary_pct = 100.0 * min(self.canary_devices, len(targets)) / len(targets)
+        spec = RolloutSpec(
+            model=req.model,
+            release=release,
+            target=Target(devices=targets),
+            waves=[canary_pct, 100.0] if canary_pct < 100 else [100.0],
+            success_threshold=1.0,
+            failure_threshold=0.0,
+            wave_timeout_s=FLEET_TIMEOUT,
+            on_timeout="abort",
+            reason=f"retrain run {req.run_id} after drift alert {req.alert.id} (group {req.group})",
+        )
+        st = self.rollouts.start(spec, f"retrain-{req.run_id}")
+        canary = self._wave_devices(st, 1)
+        self._update(
+            req.run_id,
+            state="canary",
+            canary=json.dumps(canary),
+            detail=f"rollout {st['id']}: canary {', '.join(canary)}",
+        )
+        return str(st["id"])
+
+    @staticmethod
+    def _wave_devices(status: dict[str, Any], wave: int) -> list[str]:
+        for e in status.get("events", []):
+            if e["kind"] == "wave_started" and e["wave"] == wave:
+                return list(e["detail"].get("devices", []))
+        return []
+
+    def _follow(self, req: RetrainRequest, rid: str, release: int, total: int) -> None:
+        """Wait for the rollout to end; mirror its progress in the run."""
+        started = self.clock()
+        in_fleet = False
+        while True:
             if self._stop.wait(_POLL):
                 raise PipelineError("the service is stopping")
-            for device_id in list(pending):
-                d = self.fleet.device(device_id) or {}
-                if d.get("release") == release and d.get("state") == "idle":
-                    pending.discard(device_id)
-                elif d.get("state") in ("rolled_back", "failed") or any(
-                    e["kind"] in ("rolled_back", "failed") and e["release"] == release
-                    for e in d.get("recent_events", [])
-                ):
-                    raise PipelineError(
-                        f"{device_id} refused release {release}: {d.get('last_error')}"
-                    )
-            reached = len(devices) - len(pending) + len(done or [])
-            if self.metrics is not None and total:
-                self.metrics.rollout_progress.labels(rollout, model, str(release)).set(
-                    reached / total
+            st = self.rollouts.status(rid)
+            if st["state"] == "completed":
+                return
+            if st["state"] in ("aborted", "paused"):
+                raise PipelineError(f"rollout {rid} {st['state']}: {st['reason']}")
+            if st["wave"] > 1 and not in_fleet:
+                in_fleet = True
+                self._update(
+                    req.run_id,
+                    state="fleet",
+                    detail=f"rollout {rid}: canary healthy; release {release} to the other "
+                    f"{total - st['wave_detail'][0]['devices']} devices",
                 )
-            if self.clock() > deadline:
-                raise PipelineError(
-                    f"{sorted(pending)} did not run release {release} within {timeout:.0f}s"
-                )
+            if self.clock() - started > CANARY_TIMEOUT + FLEET_TIMEOUT:
+                raise PipelineError(f"rollout {rid} did not finish in time: {st['reason']}")

@@ -333,7 +333,11 @@ def _drift_phase(fleet: DemoFleet, release: int) -> int:
     print("[retrain] fitting the drift and retraining the digits CNN on it ...", flush=True)
     r = _poll(fleet, "the retrained release", lambda: run("canary"), 300)
     new = int(r["new_release"])
-    print(f"[retrain] published release {new}, {r['detail'].split('; canary')[0]}", flush=True)
+    rollout = str(r["detail"]).split(":")[0].removeprefix("rollout ")
+    print(
+        f"[retrain] published release {new}; rollout {rollout} (canary wave, then the fleet)",
+        flush=True,
+    )
     print(f"[canary] release {new} goes to {', '.join(r['canary'])} first", flush=True)
     r = _poll(fleet, "a healthy canary", lambda: run("fleet"), 300)
     print(

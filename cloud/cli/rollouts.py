@@ -126,6 +126,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         "gates": {
             "max_error_rate": args.max_error_rate,
             "max_latency_ratio": args.max_latency_ratio,
+            "latency_slack_ms": args.latency_slack_ms,
             "max_drift_psi": args.max_drift_psi,
             "min_inferences": args.min_inferences,
             "require_telemetry": args.require_telemetry,
@@ -257,6 +258,12 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--max-error-rate", type=float, default=0.02)
     s.add_argument("--max-latency-ratio", type=float, default=1.5)
+    s.add_argument(
+        "--latency-slack-ms",
+        type=float,
+        default=1.0,
+        help="the latency gate also needs p99 this much slower (ms)",
+    )
     s.add_argument("--max-drift-psi", type=float, default=None)
     s.add_argument("--min-inferences", type=int, default=200)
     s.add_argument(

@@ -97,26 +97,12 @@ class Observability:
                 self.db,
                 self.fleet,
                 job,
-                self._deploy,
+                ctx.rollouts,
                 canary_devices=s.retrain_canary_devices,
                 metrics=self.metrics,
             )
             self.monitor.listeners.append(self.retrain.on_alert)
         self.monitor.start()
-
-    def _deploy(self, device_id: str, model: str, release: int, rollout_id: str) -> None:
-        from fastapi import HTTPException
-
-        from cloud.api.devices import DesiredIn, set_desired
-
-        if self._ctx is None:
-            raise RuntimeError("observability services are not started")
-        try:
-            set_desired(
-                self._ctx, device_id, DesiredIn(model=model, release=release, rollout_id=rollout_id)
-            )
-        except HTTPException as e:
-            raise RuntimeError(f"deploying release {release} to {device_id}: {e.detail}") from e
 
     def stop(self) -> None:
         if self.retrain is not None:

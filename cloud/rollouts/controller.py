@@ -79,3 +79,8 @@ class RolloutController:
             if n > seen:
                 m.rollout_decisions.labels(kind).inc(n - seen)
                 self._decisions_seen[kind] = n
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -181,10 +181,14 @@ def measure_health(
     if (
         gates.max_latency_ratio is not None
         and ratio is not None
+        and h.p99_ms is not None
+        and h.baseline_p99_ms is not None
         and ratio > gates.max_latency_ratio
+        and h.p99_ms - h.baseline_p99_ms > gates.latency_slack_ms
     ):
         h.failures.append(
             f"latency gate: p99 {h.p99_ms:.2f} ms on release {release} is {ratio:.2f}x the "
-            f"previous release's {h.baseline_p99_ms:.2f} ms (limit {gates.max_latency_ratio:g}x)"
+            f"previous release's {h.baseline_p99_ms:.2f} ms (limit {gates.max_latency_ratio:g}x "
+            f"and +{gates.latency_slack_ms:g} ms)"
         )
     return h

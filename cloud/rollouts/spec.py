@@ -94,8 +94,11 @@ class Gates(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: Errors per inference on the new release above this abort the rollout.
     max_error_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = 0.02
-    #: New release's p99 latency over the previous release's (same devices) above this aborts.
+    #: New release's p99 latency over the previous release's (same devices) above this
+    #: aborts, when it is also ``latency_slack_ms`` slower (a 0.02 ms model that takes
+    #: 0.04 ms is noise, not a regression).
     max_latency_ratio: Annotated[float, Field(ge=1, allow_inf_nan=False)] | None = 1.5
+    latency_slack_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 1.0
     #: Drift (PSI of inputs or of predictions) on the new release above this aborts.
     max_drift_psi: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     #: Inferences needed before the error and latency gates judge.
