@@ -87,29 +87,17 @@ def list_devices(
 ) -> list[dict[str, Any]]:
     """The device registry, with live state; filtered by every parameter given."""
     live = {d["device_id"]: d for d in ctx.fleet.devices()}
-    out = []
-    for rec in registry.list_devices(ctx.db, group=group, tag=tag):
-        d = _merged(rec, live.get(rec.device_id))
-        if model is not None and d["model"] != model:
-            continue
-        if release is not None and d["release"] != release:
-            continue
-        if online is not None and d["online"] != online:
-            continue
-        out.append(d)
+    wanted = {"model": model, "release": release, "online": online}
+
+    def keep(d: dict[str, Any]) -> bool:
+        return all(v is None or d[k] == v for k, v in wanted.items())
+
+    records = registry.list_devices(ctx.db, group=group, tag=tag)
+    out = [d for rec in records if keep(d := _merged(rec, live.get(rec.device_id)))]
     if group is None and tag is None:
         # Heard live but not yet in the registry's last batch.
-        known = {d["device_id"] for d in out}
-        for device_id, d in live.items():
-            if device_id in known:
-                continue
-            if model is not None and d["model"] != model:
-                continue
-            if release is not None and d["release"] != release:
-                continue
-            if online is not None and d["online"] != online:
-                continue
-            out.append(d)
+        known = {rec.device_id for rec in records}
+        out += [d for device_id, d in live.items() if device_id not in known and keep(d)]
         out.sort(key=lambda d: d["device_id"])
     return out
 

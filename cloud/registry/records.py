@@ -171,6 +171,10 @@ def record_release(
         published_by=who,
         published_at=now,
     )
+    return _add_release(s, record, manifest)
+
+
+def _add_release(s: Session, record: ReleaseRecord, manifest: ReleaseManifest) -> ReleaseRecord:
     s.add(record)
     try:
         s.flush()
@@ -218,12 +222,4 @@ def record_rerelease(
         published_by=who,
         published_at=published_at,
     )
-    s.add(record)
-    try:
-        s.flush()
-    except IntegrityError as e:
-        raise ConflictError(
-            f"release {manifest.release} of {manifest.model} is already in the registry; "
-            "nothing was published, try again"
-        ) from e
-    return record
+    return _add_release(s, record, manifest)

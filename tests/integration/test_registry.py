@@ -195,12 +195,17 @@ def test_release_number_clash_publishes_nothing(
     artifacts = build_artifacts(run_pipeline(path, x, None, mode="float32"))
     service = ReleaseService(repo, db=db)
     service.publish("tiny", artifacts, published_by="ci")
-    repo.remove(["tiny/1/model.tflite"])  # TUF says 1 is free again; the registry disagrees
+    # Another process recorded release 2 a moment ago and has not signed it yet.
+    with db.session() as s:
+        first = s.scalars(select(ReleaseRecord)).one()
+        columns = {c.key: getattr(first, c.key) for c in ReleaseRecord.__table__.columns}
+        columns.update(id=None, release=2, candidate_id=None, target="tiny/2/model.tflite")
+        s.add(ReleaseRecord(**columns))
     with pytest.raises(ConflictError, match="already in the registry"):
         service.publish("tiny", artifacts, published_by="ci")
-    assert "tiny/1/model.tflite" not in repo.list_targets()
+    assert "tiny/2/model.tflite" not in repo.list_targets()
     with db.session() as s:
-        assert len(s.scalars(select(ReleaseRecord)).all()) == 1
+        assert len(s.scalars(select(ReleaseRecord)).all()) == 2
 
 
 def test_build_of_a_dead_process_marked_failed(registry: Registry, tmp_path: Path) -> None:
