@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud import device_registry as registry
@@ -141,7 +141,9 @@ def device_history(
 
 
 @router.get("/releases/{model}/{release}/devices")
-def release_devices(ctx: Ctx, _who: Viewer, model: str, release: int) -> list[dict[str, Any]]:
+def release_devices(
+    ctx: Ctx, _who: Viewer, model: str, release: Annotated[int, Path(ge=1, le=2**53)]
+) -> list[dict[str, Any]]:
     """Every device that ever ran this release (taken down or not), and where it is now."""
     return registry.devices_that_ran(ctx.db, model, release)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.auth import Admin, Operator, Viewer
@@ -25,6 +25,7 @@ __all__ = ["router"]
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 
 Reason = Annotated[str, Field(max_length=500)]
+ReleaseNo = Annotated[int, Path(ge=1, le=2**53)]
 
 
 class ActionIn(BaseModel):
@@ -96,7 +97,7 @@ def rollout_events(
     ctx: Ctx,
     _who: Viewer,
     rollout_id: str,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> list[dict[str, Any]]:
     try:
@@ -141,7 +142,7 @@ def abort_rollout(ctx: Ctx, who: Operator, rollout_id: str, body: AbortIn) -> di
 
 @router.post("/releases/{model}/{release}/recall")
 def recall_release(
-    ctx: Ctx, who: Operator, model: str, release: int, body: RecallIn
+    ctx: Ctx, who: Operator, model: str, release: ReleaseNo, body: RecallIn
 ) -> dict[str, Any]:
     """Stop a bad release fleet-wide and roll back, in one call. ``take_down`` needs
     an admin token, as ``DELETE /releases/{model}/{release}`` does."""
@@ -167,7 +168,7 @@ def recall_release(
 
 
 @router.delete("/releases/{model}/{release}")
-def take_down_release(ctx: Ctx, _who: Admin, model: str, release: int) -> dict[str, Any]:
+def take_down_release(ctx: Ctx, _who: Admin, model: str, release: ReleaseNo) -> dict[str, Any]:
     """Delist a release's targets: no device can fetch it any more (running devices
     keep it until told otherwise: recall first)."""
     try:

@@ -182,9 +182,12 @@ def test_revoked_device_is_cut_off_and_keeps_serving(
     failures = secure.broker.log_path.read_text().count("certificate verify failed")
     again = Probe(secure.port, tls=tls, client_id=VICTIM)
     assert not again.connect(), "a revoked certificate must not get a session"
-    time.sleep(0.2)
-    # Mosquitto logs OpenSSL's verdict (the CRL lists the certificate).
-    assert secure.broker.log_path.read_text().count("certificate verify failed") > failures
+    # Mosquitto logs OpenSSL's verdict (the CRL lists the certificate); on a loaded
+    # machine the line can land a while after the refusal.
+    deadline = time.monotonic() + 10
+    while secure.broker.log_path.read_text().count("certificate verify failed") <= failures:
+        assert time.monotonic() < deadline, secure.broker.log_path.read_text()[-2000:]
+        time.sleep(0.1)
     device.assert_untouched(before, release=1)
 
 

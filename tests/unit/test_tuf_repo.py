@@ -433,7 +433,7 @@ def test_new_root_needs_threshold_of_root_keys(repo: ReleaseRepository, tmp_path
 def test_revoke_key(repo: ReleaseRepository, tmp_path: Path) -> None:
     provisioned = repo.root_bytes()
     repo.publish(*release_files())
-    with pytest.raises(SigningKeyError, match="rotate_role_key"):
+    with pytest.raises(SigningKeyError, match="edgefleet-cloud key rotate --role"):
         repo.revoke_key(repo.root().roles["targets"].keyids[0])
     with pytest.raises(SigningKeyError, match="not used"):
         repo.revoke_key("0" * 64)
@@ -447,7 +447,7 @@ def test_revoke_key(repo: ReleaseRepository, tmp_path: Path) -> None:
 def test_lost_online_key_is_replaced_by_rotation(repo: ReleaseRepository, tmp_path: Path) -> None:
     for pem in (repo.keys_dir / "online").glob("targets-*"):
         pem.unlink()
-    with pytest.raises(SigningKeyError, match="rotate_role_key"):
+    with pytest.raises(SigningKeyError, match="edgefleet-cloud key rotate --role"):
         repo.publish(*release_files())
     repo.rotate_role_key("targets")
     repo.publish(*release_files())
