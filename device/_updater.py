@@ -430,7 +430,11 @@ class UpdateMachine:
         if self.blobs is not None:
             self.blobs.used_partial = False
         try:
-            return client.fetch_release(manifest.model, manifest.release, dest, progress)
+            # The metadata was refreshed a moment ago for this manifest: one refresh
+            # per update, not two (a fleet of a thousand refreshes a thousand times).
+            return client.fetch_release(
+                manifest.model, manifest.release, dest, progress, reuse_metadata=True
+            )
         except VerificationError:
             if not (self.fetcher.used_partial or (self.blobs and self.blobs.used_partial)):
                 raise

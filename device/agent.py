@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from device import __version__
+from device._model import DEFAULT_POOL_SIZE
 from device._probation import LatencyRing, ProbationWindow
 from device._updater import UpdateMachine
 from device.inputs import InputSource
@@ -225,6 +226,8 @@ class Agent:
             data,
             meta=ModelMeta(name=manifest.model, release=manifest.release, slot=contents.slot),
             num_threads=self.cfg.interpreter_threads,
+            # One warm interpreter per inference thread (the pool grows on demand).
+            pool_size=max(1, min(self.cfg.inference_threads, DEFAULT_POOL_SIZE)),
         )
         try:
             model.check_manifest(manifest)

@@ -76,13 +76,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: How long finding out what the broker holds may take (normally one round trip).
-DEFAULT_PROBE_TIMEOUT_S = 2.0
+DEFAULT_PROBE_TIMEOUT_S = 10.0
 #: A blob download fails once no chunk has arrived for this long.
 DEFAULT_STALL_TIMEOUT_S = 30.0
 #: Chunk topics subscribed at once: bounds what the broker queues for this device.
 DEFAULT_WINDOW = 16
 #: Outstanding chunks are asked for again after this long without one (a dropped delivery).
-RESUBSCRIBE_AFTER_S = 5.0
+RESUBSCRIBE_AFTER_S = 15.0
 #: Bytes of chunks written between two fsyncs (bounds what a power cut loses).
 FSYNC_EVERY = 1 << 20
 DATA_SUFFIX = ".blob"
@@ -194,6 +194,7 @@ class BlobFetcher:
         self._owns_client = owns_client
         self._clock = clock
         # (sha256, chunk index or None for meta, payload or None if oversized)
+        self._last_arrival = 0.0
         self._queue: queue.Queue[tuple[str, int | None, bytes | None]] = queue.Queue(
             maxsize=2 * window + 16
         )
@@ -456,7 +457,12 @@ class BlobFetcher:
                 if current != generation:  # a new connection holds none of our subscriptions
                     generation = current
                     missing, outstanding = sorted({*missing, *outstanding}), set()
-                elif outstanding and now - max(last_progress, last_ask) > RESUBSCRIBE_AFTER_S:
+                elif (
+                    outstanding
+                    and now - max(last_progress, last_ask, self._last_arrival) > RESUBSCRIBE_AFTER_S
+                ):
+                    # Nothing arrived at all (not merely nothing consumed yet: a device
+                    # short of CPU has chunks waiting in the queue): ask again.
                     self._unsubscribe(sha, outstanding)
                     missing, outstanding = sorted({*missing, *outstanding}), set()
                 batch = missing[: self.window - len(outstanding)]
@@ -519,6 +525,7 @@ class BlobFetcher:
             wanted = sha in self._wanted
         if not wanted:
             return  # a late delivery for a finished download, or noise
+        self._last_arrival = self._clock()
         payload: bytes | None = bytes(message.payload)
         limit = MAX_META_BYTES if index is None else MAX_BLOB_CHUNK_BYTES
         if payload is not None and len(payload) > limit:

@@ -87,6 +87,8 @@ MAX_ROOT_ROTATIONS = 64
 MAX_DELEGATIONS = 8
 #: Largest single release file (model, vectors, baseline) this device accepts.
 MAX_TARGET_BYTES = 256 * 1024 * 1024
+#: Seconds within which ``fetch_release`` reuses the metadata ``get_manifest`` refreshed.
+REUSE_REFRESH_S = 30.0
 
 HTTP_TIMEOUT_S = 30
 HTTP_CHUNK_BYTES = 64 * 1024
@@ -271,6 +273,7 @@ class ReleaseClient:
             app_user_agent=user_agent,
         )
         self._lock = threading.Lock()
+        self._recent: tuple[Updater, float] | None = None
 
     def get_manifest(self, model: str, release: int) -> ReleaseManifest:
         """Refresh the metadata and return the signed manifest of a release (no download)."""
@@ -284,14 +287,22 @@ class ReleaseClient:
         release: int,
         dest_dir: Path,
         progress: ProgressCallback | None = None,
+        *,
+        reuse_metadata: bool = False,
     ) -> VerifiedRelease:
         """Download and verify every file of a release into ``dest_dir``.
 
         Files there with the signed length and hashes are reused, not downloaded.
+        ``reuse_metadata``: use the metadata ``get_manifest`` verified less than
+        ``REUSE_REFRESH_S`` ago instead of refreshing again (the same update).
         """
         dest_dir = Path(dest_dir)
         with self._lock:
-            updater = self._refreshed_updater()
+            # The metadata ``get_manifest`` just refreshed for this same update is
+            # reused: a second refresh a moment later only costs time and bytes.
+            updater = self._refreshed_updater(
+                reuse_within=REUSE_REFRESH_S if reuse_metadata else 0.0
+            )
             manifest, model_info = self._manifest(updater, model, release)
             files = [model_info, *self._companions(updater, manifest)]
             names = [f.path.rpartition("/")[2] for f in files]
@@ -342,7 +353,10 @@ class ReleaseClient:
         except OSError as e:
             raise StorageError(f"cannot read the trusted root {self._root}: {e}") from e
 
-    def _refreshed_updater(self) -> Updater:
+    def _refreshed_updater(self, reuse_within: float = 0.0) -> Updater:
+        recent = self._recent
+        if recent is not None and reuse_within > 0 and time.monotonic() - recent[1] <= reuse_within:
+            return recent[0]
         bootstrap = self._root_bytes()
         try:
             self.metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +377,7 @@ class ReleaseClient:
             raise StorageError(f"cannot use the metadata cache {self.metadata_dir}: {e}") from e
         with _mapped_errors("refreshing the signed release metadata"):
             updater.refresh()
+        self._recent = (updater, time.monotonic())
         return updater
 
     def _manifest(
