@@ -9,8 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
 
 from cloud.ingest.testing import FakeDevice, publish_synthetic_release
