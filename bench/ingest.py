@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -209,14 +210,21 @@ def _drain(
     processes, which can exceed the whole drain, is not counted as ingest time."""
     workers = int(cmd[cmd.index("--workers") + 1])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    ready = threading.Event()
+
+    def watch() -> None:
+        seen = 0
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen += "subscribed" in line
+            if seen >= workers:
+                ready.set()
+
+    threading.Thread(target=watch, daemon=True).start()
     try:
         with _write_gate(db):
-            assert proc.stdout is not None
-            ready = 0
-            for line in proc.stdout:
-                ready += "subscribed" in line
-                if ready >= workers:
-                    break
+            if not ready.wait(120):
+                print("  (workers not all subscribed after 120 s: timing them anyway)")
             pids = _family(proc.pid)
             cpu0, b0 = sum(_ticks(p) for p in pids), _ticks(broker)
             t0 = time.perf_counter()
