@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -433,19 +432,3 @@ def set_labels(
         s.flush()
         s.expunge(rec)
         return rec
-
-
-def wait_registered(db: Database, device_ids: list[str], timeout: float) -> bool:
-    """Wait until every id has a registry row (tests, tools)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with db.session() as s:
-            n = s.scalar(
-                select(func.count())
-                .select_from(DeviceRecord)
-                .where(DeviceRecord.device_id.in_(device_ids))
-            )
-        if n == len(set(device_ids)):
-            return True
-        time.sleep(0.1)
-    return False

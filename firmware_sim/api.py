@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from firmware_sim._system import SimError
-from firmware_sim.procs import python_cmd
+from firmware_sim.procs import ProcessGroup, python_cmd, wait_http
 
-__all__ = ["CloudAPI", "published_releases"]
+__all__ = ["CloudAPI", "published_releases", "start_cloud"]
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +131,65 @@ def published_releases(cloud_dir: Path, model: str) -> list[int]:
         if len(parts) >= 2 and parts[0] == model and parts[1].isdigit():
             found.append(int(parts[1]))
     return sorted(found)
+
+
+def start_cloud(
+    procs: ProcessGroup,
+    cloud_dir: Path,
+    broker_port: int,
+    http_port: int,
+    *,
+    template: Path | None = None,
+    host: str = "127.0.0.1",
+    log_level: str = "INFO",
+    env: dict[str, str] | None = None,
+) -> CloudAPI:
+    """Start ``edgefleet-cloud serve`` as the process ``cloud`` of ``procs`` (from a
+    copy of ``template`` if given) with a fresh operator token; wait until it answers."""
+    if template is not None:
+        import shutil
+
+        shutil.copytree(template, cloud_dir, dirs_exist_ok=True)
+    token = subprocess.run(  # noqa: S603 - our own CLI
+        python_cmd(
+            "cloud.cli",
+            "token",
+            "create",
+            "--data-dir",
+            str(cloud_dir),
+            "--name",
+            f"sim-{time.time_ns()}",
+            "--role",
+            "operator",
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if token.returncode != 0:
+        raise SimError(f"cannot create an operator token: {token.stderr[-2000:]}")
+    proc = procs.start(
+        "cloud",
+        python_cmd(
+            "cloud.cli",
+            "--log-level",
+            log_level,
+            "serve",
+            "--data-dir",
+            str(cloud_dir),
+            "--broker-port",
+            str(broker_port),
+            "--http-host",
+            host,
+            "--http-port",
+            str(http_port),
+        ),
+        env=env,
+    )
+    api = f"http://{host}:{http_port}"
+    try:
+        wait_http(f"{api}/healthz", proc=proc, timeout=120)
+    except (RuntimeError, TimeoutError) as e:
+        raise SimError(f"the cloud did not start ({e}):\n{procs.log_tail('cloud')}") from e
+    return CloudAPI(api, token.stdout.strip(), cloud_dir)

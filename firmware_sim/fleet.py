@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ from typing import Any
 from cloud.broker import MosquittoProcess, free_port
 from device.config import provision
 from firmware_sim._system import Ledger, SimError
-from firmware_sim.api import CloudAPI
+from firmware_sim.api import CloudAPI, start_cloud
 from firmware_sim.control import ControlledSensor, control_dir
 from firmware_sim.disk import SmallDisk
 from firmware_sim.netlab import NetLab
-from firmware_sim.procs import ProcessGroup, python_cmd, wait_http
+from firmware_sim.procs import ProcessGroup, python_cmd
 from firmware_sim.scenario import device_id_for
 from firmware_sim.watch import read_state
 
@@ -128,56 +127,15 @@ class SimFleet:
         self.wait_online(self.device_ids, opts.online_timeout)
 
     def _start_cloud(self) -> CloudAPI:
-        cloud_dir = self.workdir / "cloud"
-        if self.options.cloud_template is not None:
-            import shutil
-
-            shutil.copytree(self.options.cloud_template, cloud_dir, dirs_exist_ok=True)
-        token = subprocess.run(  # noqa: S603 - our own CLI
-            python_cmd(
-                "cloud.cli",
-                "token",
-                "create",
-                "--data-dir",
-                str(cloud_dir),
-                "--name",
-                f"sim-{time.time_ns()}",
-                "--role",
-                "operator",
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        if token.returncode != 0:
-            raise SimError(f"cannot create an operator token: {token.stderr[-2000:]}")
-        host = self.lab.host_ip if self.lab else "127.0.0.1"
-        http_port = free_port()
         assert self.broker is not None
-        proc = self.procs.start(
-            "cloud",
-            python_cmd(
-                "cloud.cli",
-                "--log-level",
-                "INFO",
-                "serve",
-                "--data-dir",
-                str(cloud_dir),
-                "--broker-port",
-                str(self.broker.port),
-                "--http-host",
-                host,
-                "--http-port",
-                str(http_port),
-            ),
+        return start_cloud(
+            self.procs,
+            self.workdir / "cloud",
+            self.broker.port,
+            free_port(),
+            template=self.options.cloud_template,
+            host=self.lab.host_ip if self.lab else "127.0.0.1",
         )
-        api = f"http://{host}:{http_port}"
-        try:
-            wait_http(f"{api}/healthz", proc=proc, timeout=120)
-        except (RuntimeError, TimeoutError) as e:
-            raise SimError(f"the cloud did not start ({e}):\n{self.procs.log_tail('cloud')}") from e
-        return CloudAPI(api, token.stdout.strip(), cloud_dir)
 
     def _provision(self, device_id: str, root: Path) -> None:
         assert self.broker is not None and self.cloud is not None

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,8 +36,8 @@ from device.config import provision
 from firmware_sim._bytemeter import ByteMeter, raise_fd_limit
 from firmware_sim._fleetmonitor import DeviceTrack, FleetMonitor
 from firmware_sim._system import Ledger, SimError
-from firmware_sim.api import CloudAPI
-from firmware_sim.procs import ProcessGroup, python_cmd, wait_http
+from firmware_sim.api import CloudAPI, start_cloud
+from firmware_sim.procs import ProcessGroup, python_cmd
 
 __all__ = [
     "MAX_AGENTS_PER_WORKER",
@@ -211,51 +210,15 @@ class MassFleet:
 
     def _start_cloud(self) -> CloudAPI:
         assert self.broker is not None
-        cloud_dir = self.workdir / "cloud"
-        if self.options.cloud_template is not None:
-            shutil.copytree(self.options.cloud_template, cloud_dir, dirs_exist_ok=True)
-        token = subprocess.run(  # noqa: S603 - our own CLI
-            python_cmd(
-                "cloud.cli",
-                "token",
-                "create",
-                "--data-dir",
-                str(cloud_dir),
-                "--name",
-                f"massfleet-{time.time_ns()}",
-                "--role",
-                "operator",
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        if token.returncode != 0:
-            raise SimError(f"cannot create an operator token: {token.stderr[-2000:]}")
-        http_port = free_port()
-        proc = self.procs.start(
-            "cloud",
-            python_cmd(
-                "cloud.cli",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--data-dir",
-                str(cloud_dir),
-                "--broker-port",
-                str(self.broker.port),
-                "--http-port",
-                str(http_port),
-            ),
+        return start_cloud(
+            self.procs,
+            self.workdir / "cloud",
+            self.broker.port,
+            free_port(),
+            template=self.options.cloud_template,
+            log_level="WARNING",
             env=self.options.cloud_env,
         )
-        api = f"http://127.0.0.1:{http_port}"
-        try:
-            wait_http(f"{api}/healthz", proc=proc, timeout=120)
-        except (RuntimeError, TimeoutError) as e:
-            raise SimError(f"the cloud did not start ({e}):\n{self.procs.log_tail('cloud')}") from e
-        return CloudAPI(api, token.stdout.strip(), cloud_dir)
 
     @property
     def worker_count(self) -> int:

@@ -114,20 +114,18 @@ def _previous_release_stats(
     weighted = 0.0
     weight = 0
     for i in range(0, len(device_ids), _CHUNK):
-        _, _, p99 = _sums(
-            row := s.execute(
-                select(*_columns()).where(
-                    T.device_id.in_(device_ids[i : i + _CHUNK]),
-                    T.model == model,
-                    T.release != release,
-                    T.received_at >= since,
-                    T.received_at <= until,
-                )
-            ).one()
-        )
-        if p99 is not None:
-            weighted += float(row[2])
-            weight += int(row[3])
+        _, _, sum_weighted, sum_weight = s.execute(
+            select(*_columns()).where(
+                T.device_id.in_(device_ids[i : i + _CHUNK]),
+                T.model == model,
+                T.release != release,
+                T.received_at >= since,
+                T.received_at <= until,
+            )
+        ).one()
+        if sum_weighted is not None and sum_weight:
+            weighted += float(sum_weighted)
+            weight += int(sum_weight)
     return weighted / weight if weight else None
 
 

@@ -32,13 +32,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, object_session
 
 from cloud.db import Database
 from cloud.device_registry import DeviceRecord, list_devices
 from cloud.fleet import FleetView
-from cloud.releases import ReleaseService, UnknownReleaseError
+from cloud.releases import ReleaseService
 from cloud.rollouts.gates import Health, measure_health
 from cloud.rollouts.spec import (
     ACTIVE_STATES,
@@ -191,10 +191,7 @@ class RolloutService:
     def start(self, spec: RolloutSpec, created_by: str, *, kind: str = "ro") -> dict[str, Any]:
         """Validate, plan and start a rollout; raises on bad input with nothing changed."""
         with self._lock:
-            try:
-                manifest = self.releases.get(spec.model, spec.release)
-            except UnknownReleaseError:
-                raise
+            manifest = self.releases.get(spec.model, spec.release)  # UnknownReleaseError: 404
             now = self.clock()
             rid = f"{kind}-{secrets.token_hex(4)}"
             selected = self._select(rid, spec.target)
@@ -821,13 +818,16 @@ class RolloutService:
             q = select(Rollout).order_by(Rollout.created_at.desc()).limit(min(limit, 1000))
             if state is not None:
                 q = q.where(Rollout.state == state)
-            out = []
-            for r in s.scalars(q):
-                counts = Counter(
-                    s.scalars(select(RolloutDevice.status).where(RolloutDevice.rollout_id == r.id))
-                )
-                out.append(_summary_json(r, counts))
-            return out
+            rollouts = list(s.scalars(q))
+            # One grouped count for all of them (the controller lists every tick).
+            counts: dict[str, Counter[str]] = defaultdict(Counter)
+            for rid, status, n in s.execute(
+                select(RolloutDevice.rollout_id, RolloutDevice.status, func.count())
+                .where(RolloutDevice.rollout_id.in_([r.id for r in rollouts]))
+                .group_by(RolloutDevice.rollout_id, RolloutDevice.status)
+            ):
+                counts[rid][status] = n
+            return [_summary_json(r, counts[r.id]) for r in rollouts]
 
     def events(self, rid: str, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         with self.db.session() as s:
@@ -862,14 +862,6 @@ class RolloutService:
                 }
                 for d in s.scalars(q.order_by(RolloutDevice.device_id))
             ]
-
-    def active_progress(self) -> list[tuple[str, str, int, float]]:
-        """(rollout id, model, release, fraction updated) of live rollouts (``/metrics``)."""
-        out = []
-        for r in self.list(limit=50):
-            if r["state"] in ACTIVE_STATES:
-                out.append((r["id"], r["model"], r["release"], r["progress"]))
-        return out
 
 
 def _event_json(e: RolloutEvent) -> dict[str, Any]:
