@@ -2,7 +2,9 @@
 ingest workers, lost messages, against the raw broker rate, all in one run.
 
 One stream of N telemetry windows (the demo's shape: 64 features x 10 bins and
-10 classes, ~2.3 KB each, from D devices) is published once, QoS 1, while
+10 classes, from D devices; input histograms packed as current agents send them,
+~1.6 KB a window, or ``--lists`` for the nested JSON lists of older agents,
+~2.4 KB) is published once, QoS 1, while
 three consumers are away with persistent sessions, so the broker queues the
 same stream for each of them:
 
@@ -28,7 +30,7 @@ shows CPU microseconds per message of the consumer and of the broker (from
 Target: 2 workers >= 0.5x the raw rate (median of the rounds), 0 lost.
 
     python bench/ingest.py [--messages 20000] [--devices 100] [--rounds 3]
-                           [--db sqlite|postgres]
+                           [--db sqlite|postgres] [--lists]
 """
 
 from __future__ import annotations
@@ -352,6 +354,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1000, help="ingest batch (transaction) size")
     p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    p.add_argument(
+        "--lists", action="store_true", help="histograms as nested JSON lists (older agents)"
+    )
     args = p.parse_args()
     n = args.messages
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-ingest-"))
@@ -362,7 +367,10 @@ def main() -> int:
             workdir / "cloud" / "repository", workdir / "cloud" / "keys"
         )
         rel = publish_synthetic_release(repo, model="digits", n_features=64, bins=10, n_classes=10)
-        devices = [FakeDevice(f"dev-{i:05d}", release=rel, seed=i) for i in range(args.devices)]
+        devices = [
+            FakeDevice(f"dev-{i:05d}", release=rel, seed=i, packed=not args.lists)
+            for i in range(args.devices)
+        ]
         payloads = [
             (
                 devices[i % len(devices)].topic(Channel.TELEMETRY),
@@ -371,7 +379,11 @@ def main() -> int:
             for i in range(n)
         ]
         size = sum(len(pl) for _, pl in payloads) / n
-        print(f"{n} telemetry windows ({size:.0f} B each, {args.devices} devices), QoS 1\n")
+        form = "nested lists" if args.lists else "packed"
+        print(
+            f"{n} telemetry windows ({size:.0f} B each, histograms {form}, "
+            f"{args.devices} devices), QoS 1\n"
+        )
         rounds = []
         with MosquittoProcess(workdir / "broker") as broker:
             for r in range(args.rounds):

@@ -96,6 +96,9 @@ class AgentConfig:
     #: from ``repo_url``; ``mqtt`` only from the broker; ``http`` never from it.
     #: Metadata always comes from ``repo_url``, and TUF verifies every byte.
     blob_source: str = "auto"
+    #: Send drift histograms packed (``shared.messages.PackedCounts``): a third of the
+    #: bytes and of the cloud's ingest work. ``false`` for a cloud older than the format.
+    packed_histograms: bool = True
 
     def __post_init__(self) -> None:
         if self.blob_source not in BLOB_SOURCES:
@@ -119,7 +122,7 @@ class Agent:
         self.clock = clock
         self.store = SlotStore(cfg.data_dir)
         self.server = ModelServer()
-        self.window = TelemetryWindow(clock=clock)
+        self.window = TelemetryWindow(clock=clock, packed=cfg.packed_histograms)
         self.buffer = TelemetryBuffer()
         self._buffer_path = cfg.data_dir / TELEMETRY_BUFFER
         self.buffer.load(self._buffer_path)

@@ -56,6 +56,8 @@ _KEYS: dict[str, type[Any]] = {
     "use_deltas": bool,
     # where release files come from: "auto", "mqtt" (the broker's blobs) or "http"
     "blob_source": str,
+    # drift histograms as packed counts (false only for clouds older than the format)
+    "packed_histograms": bool,
 }
 
 

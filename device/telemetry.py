@@ -29,9 +29,9 @@ import numpy as np
 import numpy.typing as npt
 
 from device.fsutil import atomic_write_json, read_json
-from shared.drift import Baseline, extract_features, histogram
+from shared.drift import Baseline, extract_features, histogram, pack_counts
 from shared.errors import StorageError
-from shared.messages import LatencyStats, Telemetry
+from shared.messages import LatencyStats, PackedCounts, Telemetry
 
 __all__ = ["DriftContext", "ProcessStats", "TelemetryWindow", "TelemetryBuffer"]
 
@@ -83,8 +83,13 @@ def rss_bytes() -> int:
 class TelemetryWindow:
     """Accumulates one window of inference statistics; thread-safe."""
 
-    def __init__(self, *, seed: int = 0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, seed: int = 0, clock: Callable[[], float] = time.time, packed: bool = True
+    ) -> None:
+        """``packed``: send the input histogram as ``PackedCounts`` (clouds before it
+        understood only nested lists: ``packed_histograms = false`` for those)."""
         self._lock = threading.Lock()
+        self._packed = packed
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311 - sampling, not security
         self._drift: DriftContext | None = None
@@ -156,12 +161,17 @@ class TelemetryWindow:
                 p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99), max_ms=float(ms.max())
             )
         input_hist = output_hist = None
+        packed: PackedCounts | None = None
         if drift is not None:
             if inputs:
                 real = np.stack([drift.to_real(x) for x in inputs])
                 feats = extract_features(real, drift.features)
                 if feats.shape[1] == drift.baseline.n_features:
-                    input_hist = histogram(feats, drift.baseline.edges).tolist()
+                    counts = histogram(feats, drift.baseline.edges)
+                    if self._packed:
+                        packed = pack_counts(counts)
+                    else:
+                        input_hist = counts.tolist()
                 else:
                     log.warning(
                         "input features %d do not match baseline %d",
@@ -184,6 +194,7 @@ class TelemetryWindow:
             cpu_percent=cpu,
             rss_bytes=rss,
             input_hist=input_hist,
+            input_hist_packed=packed,
             output_hist=output_hist,
         )
 

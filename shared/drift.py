@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from shared.errors import ManifestError
 from shared.manifest import DriftSpec
+from shared.messages import PackedCounts
 
 __all__ = [
     "Baseline",
@@ -24,6 +25,7 @@ __all__ = [
     "histogram",
     "js_divergence",
     "pack_baseline",
+    "pack_counts",
     "psi",
     "unpack_baseline",
 ]
@@ -74,6 +76,17 @@ def histogram(features: FloatArray, edges: FloatArray) -> CountArray:
         idx = np.searchsorted(edges[f], features[:, f], side="right")
         out[f] = np.bincount(idx, minlength=bins)
     return out
+
+
+def pack_counts(counts: npt.NDArray[np.integer]) -> PackedCounts:
+    """A ``(features, bins)`` matrix of counts as ``PackedCounts``, in the narrowest
+    unsigned type its largest count fits (one byte per count for a window of up to
+    255 samples)."""
+    if counts.ndim != 2 or counts.size == 0 or int(counts.min()) < 0:
+        raise ValueError("counts must be a non-empty, non-negative (features, bins) matrix")
+    dtype = PackedCounts.narrowest(int(counts.max()))
+    raw = np.ascontiguousarray(counts, dtype=f"<{dtype}").tobytes()
+    return PackedCounts.from_raw((int(counts.shape[0]), int(counts.shape[1])), dtype, raw)
 
 
 def build_baseline(features: FloatArray, bins: int) -> Baseline:

@@ -19,6 +19,9 @@ and right; the windows are ordered; the histogram is rectangular; and the
 device id matches the topic. ``tests/integration/test_ingest_decode.py``
 checks the equivalence on random payloads.
 
+A packed input histogram (``input_hist_packed``) is checked by the very function
+the pydantic model uses (``shared.messages.packed_counts_bytes``).
+
 The result is a ``FastTelemetry`` (a msgspec struct with the fields of
 ``Telemetry``), not the pydantic model: building the model again would cost
 what the fast path saves.
@@ -40,11 +43,13 @@ from shared.messages import (
     MAX_FEATURES,
     MAX_MESSAGE_BYTES,
     MODEL_NAME_PATTERN,
+    PackedCounts,
     Telemetry,
     decode,
+    packed_counts_bytes,
 )
 
-__all__ = ["FastLatency", "FastTelemetry", "decode_telemetry"]
+__all__ = ["FastLatency", "FastPacked", "FastTelemetry", "decode_telemetry"]
 
 _FINITE = sys.float_info.max
 _Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
@@ -75,6 +80,17 @@ class FastLatency(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fa
     max_ms: _Millis
 
 
+class FastPacked(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
+    """``shared.messages.PackedCounts``; ``data`` is checked by the same function."""
+
+    shape: tuple[
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_FEATURES)],
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_BINS)],
+    ]
+    dtype: Literal["u1", "u2", "u4", "u8"]
+    data: str
+
+
 class FastTelemetry(
     msgspec.Struct, forbid_unknown_fields=True, rename={"schema_": "schema"}, gc=False
 ):
@@ -95,11 +111,12 @@ class FastTelemetry(
     cpu_percent: _Cpu | None = None
     rss_bytes: _Count | None = None
     input_hist: _Hist | None = None
+    input_hist_packed: FastPacked | None = None
     output_hist: _Classes | None = None
 
     @classmethod
     def from_message(cls, m: Telemetry) -> FastTelemetry:
-        lat = m.latency
+        lat, pk = m.latency, m.input_hist_packed
         return cls(
             schema_=m.schema_,
             device_id=m.device_id,
@@ -114,14 +131,18 @@ class FastTelemetry(
             cpu_percent=m.cpu_percent,
             rss_bytes=m.rss_bytes,
             input_hist=m.input_hist,
+            input_hist_packed=FastPacked(pk.shape, pk.dtype, pk.data) if pk else None,
             output_hist=m.output_hist,
         )
 
     def to_message(self, packed: PackedHistogram | None = None) -> Telemetry:
-        """The pydantic model, with the input histogram ``packed`` put back (validated
-        again: for tests and rare paths only)."""
+        """The pydantic model, with the input histogram ``packed`` put back in the form it
+        came in (validated again: for tests and rare paths only)."""
         data = msgspec.to_builtins(self)
-        if packed is not None:
+        if packed is not None and packed[1] in _PACKED_KINDS.values():
+            shape, kind, raw = packed
+            data["input_hist_packed"] = PackedCounts.from_raw(shape, kind[1:], raw)  # type: ignore[arg-type]
+        elif packed is not None:
             arrays = unpack_histograms([packed]).arrays[0]
             assert arrays is not None
             data["input_hist"] = arrays.tolist()
@@ -129,6 +150,17 @@ class FastTelemetry(
 
 
 _decoder = msgspec.json.Decoder(FastTelemetry)
+#: ``PackedCounts.dtype`` -> the numpy dtype of its items (a ``PackedHistogram`` kind).
+_PACKED_KINDS = {"u1": "<u1", "u2": "<u2", "u4": "<u4", "u8": "<u8"}
+
+
+def _packed(p: FastPacked) -> PackedHistogram | None:
+    """``p``'s counts, or ``None`` if ``packed_counts_bytes`` refuses them."""
+    try:
+        raw = packed_counts_bytes(p.shape, p.dtype, p.data)
+    except ValueError:
+        return None
+    return p.shape, _PACKED_KINDS[p.dtype], raw
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -149,19 +181,31 @@ def decode_telemetry(
         except (msgspec.DecodeError, UnicodeDecodeError):
             msg = None
         if msg is not None and msg.device_id == device_id and msg.window_end >= msg.window_start:
-            hist = msg.input_hist
-            if not hist:
+            hist, pk = msg.input_hist, msg.input_hist_packed
+            if pk is not None:
+                packed = _packed(pk) if hist is None else None  # both forms: refused below
+                if packed is not None:
+                    msg.input_hist_packed = None
+                    return msg, packed
+            elif not hist:
                 return msg, None
-            packed = pack_histogram(hist)  # None if ragged or a count is out of range
-            if packed is not None:
-                msg.input_hist = None
-                return msg, packed
+            else:
+                packed = pack_histogram(hist)  # None if ragged or a count is out of range
+                if packed is not None:
+                    msg.input_hist = None
+                    return msg, packed
     slow = decode(Telemetry, payload)
     if slow.device_id != device_id:
         raise MessageError(
             f"message on the topic of device {device_id!r} claims to be from {slow.device_id!r}"
         )
     fast = FastTelemetry.from_message(slow)
+    if fast.input_hist_packed is not None:
+        packed = _packed(fast.input_hist_packed)
+        if packed is None:  # cannot be: the model checked it with the same function
+            raise MessageError("input histogram is not valid packed counts")
+        fast.input_hist_packed = None
+        return fast, packed
     if not fast.input_hist:
         return fast, None
     packed = pack_histogram(fast.input_hist)

@@ -1,15 +1,18 @@
 """Input histograms of a batch of telemetry windows, turned into numbers cheaply.
 
-A demo window carries 64 x 10 counts. Converting 640 Python ints to numpy one
-window at a time (``np.asarray``) costs more than validating the whole message,
-so ingest packs each window's counts into bytes as soon as it is decoded and
-converts a whole batch with one ``np.frombuffer`` per shape:
+A demo window carries 64 x 10 counts. Current agents send them packed
+(``shared.messages.PackedCounts``: base64 of little-endian integers), which
+ingest keeps as bytes. Older agents send nested JSON lists; converting 640
+Python ints to numpy one window at a time (``np.asarray``) costs more than
+validating the whole message, so ingest packs those counts into bytes as soon
+as they are decoded. Either way a whole batch becomes numbers with one
+``np.frombuffer`` per shape and kind:
 
-* the common case, every count below 128, is msgpack-encoded (msgspec, in C):
+* the common case of lists, every count below 128, is msgpack-encoded (msgspec, in C):
   a rectangular list of small non-negative ints then has a fixed layout, one
   byte per count after the array headers, so the *length* of the encoding
   proves every count fits a byte and the counts are a strided view of it;
-* any other window is packed as little-endian int64 with one ``struct`` call
+* any other list is packed as little-endian int64 with one ``struct`` call
   per row.
 
 Packing early also lets ingest drop the 65 lists a window decodes to right
@@ -36,11 +39,20 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MAX_COUNT", "Histograms", "PackedHistogram", "pack_histogram", "unpack_histograms"]
+__all__ = [
+    "MAX_COUNT",
+    "MSGPACK",
+    "Histograms",
+    "PackedHistogram",
+    "pack_histogram",
+    "unpack_histograms",
+]
 
-#: ``((features, bins), small, data)``: ``small`` data is msgpack with one byte per
-#: count; otherwise little-endian int64 rows.
-PackedHistogram = tuple[tuple[int, int], bool, bytes]
+#: ``((features, bins), kind, data)``: ``kind`` ``"msgpack"`` is msgpack with one byte
+#: per count; otherwise it is the numpy dtype of row-major counts (``"<i8"`` from JSON
+#: lists, ``"<u1"`` .. ``"<u8"`` as a device packed them: ``shared.messages.PackedCounts``).
+PackedHistogram = tuple[tuple[int, int], str, bytes]
+MSGPACK = "msgpack"
 
 #: Largest count a histogram may hold (``shared.messages.Count``).
 MAX_COUNT = 2**53
@@ -102,7 +114,7 @@ def pack_histogram(hist: list[list[int]]) -> PackedHistogram | None:
         # Every row header where a rectangle of one-byte counts puts it: so the rows
         # are all ``b`` long and every count is a fixint, 0..127 or (0xe0..0xff) -32..-1.
         if len(data) - len(data.translate(None, _NEGATIVE_FIXINT)) == layout.high:
-            return (f, b), True, data
+            return (f, b), MSGPACK, data
         return None
     if len(set(map(len, hist))) != 1:
         return None
@@ -116,7 +128,7 @@ def pack_histogram(hist: list[list[int]]) -> PackedHistogram | None:
     counts = np.frombuffer(wide, dtype="<i8")
     if counts.size and (counts.min() < 0 or counts.max() > MAX_COUNT):
         return None
-    return (f, b), False, wide
+    return (f, b), "<i8", wide
 
 
 @dataclass(frozen=True)
@@ -136,15 +148,15 @@ def unpack_histograms(packed: Sequence[PackedHistogram | None]) -> Histograms:
     n = len(packed)
     arrays: list[npt.NDArray[np.integer[Any]] | None] = [None] * n
     samples, consistent = [0] * n, [True] * n
-    groups: dict[tuple[tuple[int, int], bool], list[int]] = defaultdict(list)
+    groups: dict[tuple[tuple[int, int], str], list[int]] = defaultdict(list)
     for i, p in enumerate(packed):
         if p is not None:
             groups[(p[0], p[1])].append(i)
-    for ((f, b), small), idx in groups.items():
+    for ((f, b), kind), idx in groups.items():
         data = b"".join([packed[i][2] for i in idx])  # type: ignore[index]
         block: npt.NDArray[np.integer[Any]]
         sums: npt.NDArray[Any]
-        if small:
+        if kind == MSGPACK:
             lay = _layouts.get((f, b)) or _Layout.of(f, b)
             raw = np.frombuffer(data, dtype=np.uint8).reshape(len(idx), lay.size)
             rows = raw[:, lay.head :].reshape(len(idx) * f, lay.step)
@@ -157,7 +169,7 @@ def unpack_histograms(packed: Sequence[PackedHistogram | None]) -> Histograms:
             sums = np.einsum("ij,j->i", rows, mask, dtype=np.int32, casting="unsafe")
             sums = sums.reshape(len(idx), f)
         else:
-            block = np.frombuffer(data, dtype="<i8").reshape(len(idx), f, b)
+            block = np.frombuffer(data, dtype=kind).reshape(len(idx), f, b)
             sums = block.sum(axis=2, dtype=np.int64)
         same = (sums.min(axis=1) == sums.max(axis=1)).tolist()
         first = sums[:, 0].tolist()

@@ -94,7 +94,7 @@ def decode_counts(data: bytes, shape: tuple[int, ...]) -> npt.NDArray[np.int64]:
 class StoredWindow(NamedTuple):
     """A validated telemetry window, ready to store. ``inputs`` and ``samples`` are
     the window's ``histograms.Histograms`` entries when the caller has them already (the
-    message's ``input_hist`` may then be ``None``: taken out, see ``histograms``).
+    message's input histogram may then be ``None``: taken out, see ``histograms``).
     A named tuple: ingest makes one per message, and a dataclass costs twice as much."""
 
     msg: Telemetry | FastTelemetry
@@ -259,7 +259,8 @@ class TelemetryStore:
             m = w.msg
             if m.model is None or m.release is None:
                 continue
-            if m.input_hist is None and w.inputs is None and m.output_hist is None:
+            rows = None if w.inputs is not None else _input_rows(m)
+            if rows is None and w.inputs is None and m.output_hist is None:
                 continue
             bucket = buckets.get(w.received_at)
             if bucket is None:
@@ -267,8 +268,8 @@ class TelemetryStore:
             part = sums[(m.model, m.release, w.group, bucket)]
             part.windows += 1
             h = w.inputs
-            if h is None and m.input_hist:
-                h = np.asarray(m.input_hist, dtype=np.int64)
+            if h is None and rows:
+                h = np.asarray(rows, dtype=np.int64)
             # The first window's shape wins (the release check makes them all alike).
             if h is not None and (not part.ins or part.ins[0].shape == h.shape):
                 part.ins.append(h)
@@ -398,13 +399,19 @@ class _Partial:
             row.output_counts = encode_counts(total_o)
 
 
+def _input_rows(m: Telemetry | FastTelemetry) -> list[list[int]] | None:
+    """The input histogram a message still holds (the fast path takes it out)."""
+    return m.input_rows() if isinstance(m, Telemetry) else m.input_hist
+
+
 def _row(w: StoredWindow) -> tuple[Any, ...]:
     m = w.msg
     lat = m.latency
     if w.samples is not None:
         samples = w.samples
     else:
-        samples = int(sum(m.input_hist[0])) if m.input_hist else 0
+        rows = _input_rows(m)
+        samples = int(sum(rows[0])) if rows else 0
     if lat is None:
         p50 = p95 = p99 = mx = None
     else:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from cloud.tuf_repo import ReleaseRepository
-from shared.drift import Baseline, build_baseline, histogram, pack_baseline
+from shared.drift import Baseline, build_baseline, histogram, pack_baseline, pack_counts
 from shared.manifest import (
     BASELINE_FILE,
     SELFTEST_FILE,
@@ -97,6 +97,8 @@ class FakeDevice:
     group: str | None = None
     seed: int = 0
     seq: int = 0
+    #: Input histograms packed, as current agents send them; ``False``: nested lists.
+    packed: bool = True
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -140,13 +142,17 @@ class FakeDevice:
         """The next window: ``samples`` inputs with every feature shifted by ``shift`` sigma."""
         self.seq += 1
         now = time.time() if at is None else at
-        hist = out = None
+        hist = out = packed = None
         model = release = None
         if self.release is not None:
             m, b = self.release.manifest, self.release.baseline
             model, release = m.model, m.release
             x = self.rng.normal(size=(samples, b.n_features)) + shift
-            hist = histogram(x, b.edges).tolist()
+            counts = histogram(x, b.edges)
+            if self.packed:
+                packed = pack_counts(counts)
+            else:
+                hist = counts.tolist()
             probs = self.release.class_probs if class_probs is None else class_probs
             out = self.rng.multinomial(samples, probs).tolist()
         lat = latency_ms * (1 + 0.1 * self.rng.random())
@@ -163,5 +169,6 @@ class FakeDevice:
             cpu_percent=12.5,
             rss_bytes=80 << 20,
             input_hist=hist,
+            input_hist_packed=packed,
             output_hist=out,
         )

@@ -329,17 +329,21 @@ def test_corrupt_partial_file_is_dropped_and_fetched_again(
 def test_telemetry_windows_carry_histograms_not_inputs(running: Agent, ctl: Controller) -> None:
     log = ctl.wait(
         "telemetry with histograms",
-        lambda lg: any(t.input_hist and t.inferences > 20 for t in lg.telemetry),
+        lambda lg: any(t.input_rows() and t.inferences > 20 for t in lg.telemetry),
         DEVICE,
     )
-    t = next(t for t in log.telemetry if t.input_hist and t.inferences > 20)
+    t = next(t for t in log.telemetry if t.input_rows() and t.inferences > 20)
     assert t.model == MODEL and t.release == 1
     assert t.latency is not None and t.latency.p50_ms <= t.latency.p95_ms <= t.latency.p99_ms
     assert t.cpu_percent is not None and t.rss_bytes and t.rss_bytes > 0
-    assert len(t.input_hist) == 64 and all(len(row) == 8 for row in t.input_hist)
+    # Sent packed (the agent's default), one byte per count for a window this small.
+    assert t.input_hist is None and t.input_hist_packed is not None
+    assert t.input_hist_packed.dtype in ("u1", "u2")
+    rows = t.input_rows()
+    assert rows is not None and len(rows) == 64 and all(len(row) == 8 for row in rows)
     # Real-valued uniform [0, 1) inputs on a baseline of the same distribution: every
     # bin gets samples (a histogram of quantized int8 values would not).
-    counts = np.asarray(t.input_hist)
+    counts = np.asarray(rows)
     assert counts.sum(axis=1).min() > 0 and (counts > 0).mean() > 0.9
     assert t.output_hist is not None and sum(t.output_hist) > 0
     fields = set(t.model_dump())

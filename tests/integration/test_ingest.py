@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,7 +25,7 @@ from cloud.ingest.tables import DeviceSeen, DriftPartial, TelemetryWindow
 from cloud.ingest.testing import FakeDevice, SyntheticRelease, publish_synthetic_release
 from cloud.releases import ReleaseService
 from cloud.tuf_repo import ReleaseRepository
-from shared.messages import MAX_FEATURES, encode
+from shared.messages import MAX_FEATURES, PackedCounts, Telemetry, encode
 from shared.topics import Channel
 
 pytestmark = pytest.mark.integration
@@ -205,7 +206,11 @@ def test_bad_telemetry_is_counted_and_never_stored(broker, db, release) -> None:
         pub.announce(good)
         _wait(lambda: w.stats.seen >= 2, "announcement stored")
         topic = good.topic(Channel.TELEMETRY)
-        valid = json.loads(encode(good.telemetry()))
+        # Histograms in both forms: nested lists (older agents) and packed.
+        valid = json.loads(encode(replace(good, packed=False).telemetry()))
+        packed = json.loads(encode(good.telemetry()))
+        short = {**packed["input_hist_packed"]}
+        short["data"] = short["data"][:-4]
         bad: dict[str, bytes] = {
             "not json": b"\x00\xffgarbage",
             "wrong types": json.dumps({**valid, "inferences": "many"}).encode(),
@@ -219,6 +224,18 @@ def test_bad_telemetry_is_counted_and_never_stored(broker, db, release) -> None:
                 {**valid, "input_hist": [[1] * 8] * 5 + [[2] * 8]}
             ).encode(),
             "wrong shape": json.dumps({**valid, "input_hist": [[1] * 8] * 5}).encode(),
+            "packed data too short": json.dumps({**packed, "input_hist_packed": short}).encode(),
+            "packed forged counts": encode(
+                Telemetry.model_validate(
+                    {**packed, "input_hist_packed": PackedCounts.of([[2**40] * 8] * 6)}
+                )
+            ),
+            "packed wrong shape": encode(
+                Telemetry.model_validate(
+                    {**packed, "input_hist_packed": PackedCounts.of([[1] * 8] * 5)}
+                )
+            ),
+            "both forms": json.dumps({**packed, "input_hist": valid["input_hist"]}).encode(),
             "unknown release": json.dumps({**valid, "release": 99}).encode(),
             "another device's id": json.dumps({**valid, "device_id": "dev-other"}).encode(),
             "oversized": b'{"schema": "edgefleet.telemetry/1", "pad": "' + b"x" * 300_000 + b'"}',
@@ -231,9 +248,9 @@ def test_bad_telemetry_is_counted_and_never_stored(broker, db, release) -> None:
         _wait(lambda: _count(db) == 1, "the good window")
         _wait(lambda: sum(w.stats.dropped.values()) == len(bad) + 1, "every drop counted")
         assert w.stats.dropped == {
-            "invalid": 7,
-            "inconsistent_histogram": 2,
-            "histogram_shape": 1,
+            "invalid": 9,
+            "inconsistent_histogram": 3,
+            "histogram_shape": 2,
             "unknown_release": 1,
             "unknown_device": 1,
         }

@@ -3,7 +3,9 @@ same result, on random mutations of telemetry messages (hypothesis)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from typing import Any
 
 from hypothesis import given, settings
@@ -86,8 +88,11 @@ def _same(topic: str, payload: bytes) -> None:
     if canon[1] is not None:
         got = decode_telemetry(parse_topic(topic)[0], payload)
         want = FastTelemetry.from_message(canon[1])  # type: ignore[arg-type]
-        hist = want.input_hist
+        hist, pk = want.input_hist, want.input_hist_packed
         want_packed = pack_histogram(hist) if hist else None
+        if pk is not None:  # decoded here independently of the code under test
+            want_packed = (tuple(pk.shape), f"<{pk.dtype}", base64.b64decode(pk.data))
+            want.input_hist_packed = None
         if hist:
             want.input_hist = None
         assert _fields(*got) == _fields(want, want_packed)
@@ -153,6 +158,62 @@ def test_fast_path_agrees_on_histogram_counts(
         hist[(pos // bins) % rows][pos % bins] = value
     msg = {**VALID, "input_hist": hist, "inferences": 2**53}
     _same(TOPIC, json.dumps(msg).encode())
+
+
+_ITEM = {"u1": "B", "u2": "H", "u4": "I", "u8": "Q"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    shape=st.tuples(st.sampled_from([0, 1, 2, 64, 65]), st.sampled_from([0, 1, 3, 64, 65])),
+    dtype=st.sampled_from(["u1", "u2", "u4", "u8"]),
+    count=st.sampled_from([0, 1, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53, 2**53 + 1]),
+    said=st.one_of(st.none(), st.sampled_from(["i1", "U1", "u16", 1]), json_values),
+    cut=st.sampled_from([0, 0, 0, 1, -1, 3]),
+    extra=st.booleans(),
+    lists_too=st.booleans(),
+)
+def test_fast_path_agrees_on_packed_histograms(
+    shape: tuple[int, int],
+    dtype: str,
+    count: int,
+    said: Any,
+    cut: int,
+    extra: bool,
+    lists_too: bool,
+) -> None:
+    """Well-formed packed counts and every way to get them wrong: shapes out of
+    bounds, counts too large for their type or for a count, a wrong ``dtype``, data
+    one byte short or long, padding removed, both forms at once, unknown fields."""
+    f, b = shape
+    item = _ITEM[dtype]
+    top = (1 << (8 * struct.calcsize(f"<{item}"))) - 1
+    raw = struct.pack(f"<{f * b}{item}", *([min(count, top)] * (f * b)))
+    if cut > 0:
+        raw = raw[:-cut] if len(raw) >= cut else raw + b"\0"
+    elif cut < 0:
+        raw += b"\0"
+    data = base64.b64encode(raw).decode()
+    if cut == 3:
+        data = data.rstrip("=")
+    # ``said``: another dtype than the data's (``None``: the right one).
+    packed: dict[str, Any] = {"shape": [f, b], "dtype": dtype if said is None else said}
+    packed["data"] = data
+    if extra:
+        packed["x"] = 1
+    msg = {**VALID, "input_hist_packed": packed, "inferences": 2**53}
+    if not lists_too:
+        del msg["input_hist"]
+    _same(TOPIC, json.dumps(msg).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.one_of(st.text(max_size=24), st.binary(max_size=12).map(base64.b64encode)))
+def test_fast_path_agrees_on_packed_data_strings(data: str | bytes) -> None:
+    text = data.decode() if isinstance(data, bytes) else data
+    packed = {"shape": [1, 2], "dtype": "u2", "data": text}
+    msg = {k: v for k, v in VALID.items() if k != "input_hist"}
+    _same(TOPIC, json.dumps({**msg, "input_hist_packed": packed}).encode())
 
 
 def test_fast_path_agrees_on_json_corner_cases() -> None:

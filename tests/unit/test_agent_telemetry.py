@@ -58,9 +58,40 @@ def test_window_histograms_real_inputs_on_the_baseline_edges() -> None:
     msg = w.close(device_id="dev-t", seq=1, model="m", release=1, stats=None)
     assert msg.inferences == 300 and msg.errors == 1
     assert msg.latency is not None and msg.latency.p50_ms == 2.0
-    assert msg.input_hist is not None and len(msg.input_hist) == 16
-    assert all(sum(row) == 300 for row in msg.input_hist)
+    # Packed by default, a byte per count: no bin of 8 gets 256 of the 300 samples.
+    assert msg.input_hist is None and msg.input_hist_packed is not None
+    assert msg.input_hist_packed.dtype == "u1"
+    rows = msg.input_rows()
+    assert rows is not None and len(rows) == 16
+    assert all(sum(row) == 300 for row in rows)
     # Same distribution as the baseline: every bin is populated.
-    assert min(min(row) for row in msg.input_hist) > 0
+    assert min(min(row) for row in rows) > 0
     assert msg.output_hist == [100, 100, 100]
     assert "x" not in msg.model_dump() and len(msg.model_dump_json()) < 5000
+
+
+def test_unpacked_window_sends_the_same_counts_as_lists() -> None:
+    """``packed_histograms = false`` (a cloud older than the packed form) changes the
+    encoding only."""
+    rng = np.random.default_rng(1)
+    real = rng.random((400, 2, 2, 1))
+    baseline = build_baseline(extract_features(real, "flatten"), 4)
+    msgs = []
+    for packed in (True, False):
+        w = TelemetryWindow(clock=lambda: 10.0, packed=packed)
+        w.set_drift(
+            DriftContext(
+                baseline=baseline,
+                features="flatten",
+                n_classes=2,
+                to_real=lambda x: np.asarray(x, dtype=np.float64),
+            )
+        )
+        for i in range(400):
+            w.record(0.001, real[i], np.eye(2)[i % 2])
+        msgs.append(w.close(device_id="dev-t", seq=1, model="m", release=1, stats=None))
+    packed_msg, lists_msg = msgs
+    assert lists_msg.input_hist_packed is None and lists_msg.input_hist is not None
+    assert packed_msg.input_hist is None and packed_msg.input_hist_packed is not None
+    assert packed_msg.input_rows() == lists_msg.input_hist
+    assert sum(lists_msg.input_hist[0]) == 400

@@ -17,6 +17,7 @@ from shared.messages import (
     Event,
     EventKind,
     HardwareInfo,
+    PackedCounts,
     Reported,
     Status,
     Telemetry,
@@ -138,6 +139,66 @@ def test_huge_histogram_rejected() -> None:
         decode(Telemetry, json.dumps(bad).encode())
 
 
+_WINDOW = {
+    "schema": "edgefleet.telemetry/1",
+    "device_id": "d",
+    "seq": 1,
+    "window_start": 1,
+    "window_end": 2,
+    "inferences": 300,
+    "errors": 0,
+}
+
+
+@pytest.mark.parametrize(
+    ("rows", "dtype"),
+    [([[1, 2], [0, 255]], "u1"), ([[256, 0]], "u2"), ([[2**32]], "u8"), ([[2**53]], "u8")],
+)
+def test_packed_histogram_round_trips_in_the_narrowest_type(
+    rows: list[list[int]], dtype: str
+) -> None:
+    packed = PackedCounts.of(rows)
+    assert packed.dtype == dtype and packed.shape == (len(rows), len(rows[0]))
+    msg = decode(
+        Telemetry, encode(Telemetry.model_validate({**_WINDOW, "input_hist_packed": packed}))
+    )
+    assert msg.input_hist is None and msg.input_rows() == rows
+
+
+@pytest.mark.parametrize(
+    ("packed", "reason"),
+    [
+        (
+            {"shape": [2, 2], "dtype": "u1", "data": "AQID"},
+            "holds 3 bytes; 2 x 2 counts of u1 need 4",
+        ),
+        ({"shape": [1, 1], "dtype": "u1", "data": "AQ"}, "not base64"),
+        ({"shape": [1, 1], "dtype": "u1", "data": "A Q=="}, "not base64"),
+        ({"shape": [1, 1], "dtype": "i1", "data": "AQ=="}, "dtype"),
+        ({"shape": [1, 65], "dtype": "u1", "data": "AQ=="}, "less than or equal to 64"),
+        ({"shape": [0, 1], "dtype": "u1", "data": ""}, "greater than or equal to 1"),
+        # 2**53 + 1 as u8: beyond what a count may be.
+        ({"shape": [1, 1], "dtype": "u8", "data": "AQAAAAAAIAA="}, "exceeds"),
+        ({"shape": [1, 1], "dtype": "u1", "data": "AQ==", "extra": 1}, "extra"),
+    ],
+)
+def test_bad_packed_histogram_is_refused_with_the_reason(packed: dict, reason: str) -> None:
+    wire = json.dumps({**_WINDOW, "input_hist_packed": packed}).encode()
+    with pytest.raises(MessageError, match="input_hist_packed") as e:
+        decode(Telemetry, wire)
+    assert reason in str(e.value)
+
+
+def test_both_histogram_forms_at_once_are_refused() -> None:
+    both = {
+        **_WINDOW,
+        "input_hist": [[1]],
+        "input_hist_packed": {"shape": [1, 1], "dtype": "u1", "data": "AQ=="},
+    }
+    with pytest.raises(MessageError, match="two forms of one histogram"):
+        decode(Telemetry, json.dumps(both).encode())
+
+
 def test_device_cannot_speak_for_another_device() -> None:
     wire = encode(Status(device_id="dev-2", online=True))
     with pytest.raises(MessageError, match="claims to be from 'dev-2'"):
@@ -187,6 +248,7 @@ _json = st.recursive(
                 "kind",
                 "inferences",
                 "input_hist",
+                "input_hist_packed",
                 "state",
                 "online",
             ]
