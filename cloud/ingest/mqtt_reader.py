@@ -264,7 +264,12 @@ class MqttReader:
                     " (0x8e: another client took over this client id)"
                 )
         self._controls.clear()
-        if self._suback_due is not None and time.monotonic() > self._suback_due:
+        # On resume the broker sends what it queued before it answers SUBSCRIBE, so a
+        # backlog drained slowly delays the SUBACK without end: only a broker that has
+        # also gone quiet is judged.
+        if self._suback_due is not None and time.monotonic() > max(
+            self._suback_due, self._last_heard + self.config.connect_timeout
+        ):
             self.close()
             raise BrokerConnectionError("the broker did not answer our SUBSCRIBE in time")
         return len(out) - n

@@ -109,6 +109,43 @@ def test_receive_maximum_bounds_the_first_flight(broker, publish) -> None:  # ty
     reader.disconnect()
 
 
+def test_a_backlog_ahead_of_the_suback_is_not_a_dead_broker(broker) -> None:  # type: ignore[no-untyped-def]
+    """On resume, Mosquitto sends the queued messages before it answers SUBSCRIBE. A
+    worker that drains a large backlog slowly (a slow database) must not take the late
+    SUBACK for a broker that never answered: it would drop the connection and meet the
+    same backlog again on the next one, for ever."""
+    reader = MqttReader(_config(broker.port, connect_timeout=1.0, receive_maximum=20_000))
+    reader.connect()
+    reader.disconnect()
+    client = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"pub-{uuid.uuid4().hex[:6]}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    n, body = 3000, b"x" * 8000  # 24 MB queued: more than the socket buffers hold
+    infos = [
+        client.publish(device_topic("dev-1", Channel.TELEMETRY), body, qos=1) for _ in range(n)
+    ]
+    for info in infos:
+        info.wait_for_publish(30)
+    client.disconnect()
+    client.loop_stop()
+    assert reader.connect() is True
+    got: list[Publish] = []
+    started = time.monotonic()
+    deadline = started + 60
+    while len(got) < n and time.monotonic() < deadline:
+        reader.read(got, 0.1)  # raises if the connection is given up
+        time.sleep(0.05)  # ~20 MB/s at most: the backlog takes longer than connect_timeout
+    assert len(got) == n
+    assert time.monotonic() - started > 1.0, "the backlog must outlast connect_timeout"
+    reader.ack([p[2] for p in got], reader.generation)
+    reader.disconnect()
+
+
 def test_an_older_connection_cannot_be_acknowledged(broker, publish) -> None:  # type: ignore[no-untyped-def]
     reader = MqttReader(_config(broker.port))
     reader.connect()
