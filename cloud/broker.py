@@ -15,6 +15,8 @@ Two modes:
   client id (so no client can kick another off by reusing its client id), and
   the ACL confines every device to ``edgefleet/v1/devices/<its CN>/...``
   (plus read-only access to the release blobs under ``edgefleet/v1/blobs/``).
+  The cloud's own identities get their role's topics by name (``user`` entries:
+  Mosquitto has no wildcard user names, so each issued identity is listed).
 
 Revocation, as measured on Mosquitto 2.0.11: SIGHUP re-reads the CRL (new
 handshakes of a revoked certificate fail) and the ACL file, but keeps existing
@@ -50,6 +52,7 @@ from shared.topics import (
     ROOT,
     acl_blob_topics,
     acl_device_topics,
+    acl_ingest_topics,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +62,8 @@ __all__ = [
     "CLOUD_ROLE",
     "DEFAULT_SERVICES",
     "FANOUT_ROLE",
+    "INGEST_PREFIX",
+    "INGEST_ROLE",
     "REPO_ROLE",
     "BrokerConfig",
     "BrokerSecurity",
@@ -67,6 +72,7 @@ __all__ = [
     "free_port",
     "render_acl",
     "render_mosquitto_conf",
+    "service_role",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,11 +86,16 @@ DEFAULT_MAX_QUEUED = 200_000
 DEFAULT_MAX_PACKET = 4 * MAX_MESSAGE_BYTES + 64 * 1024
 
 #: Service roles in the ACL: the cloud (desired state out, every device stream in),
-#: the repository server (repository requests in, responses out, nothing else) and
-#: the blob fan-out (``cloud.fanout``: release blobs out, nothing else).
+#: the repository server (repository requests in, responses out, nothing else), the
+#: blob fan-out (``cloud.fanout``: release blobs out, nothing else) and the telemetry
+#: ingest workers (``cloud.ingest``: telemetry, status and reported in, nothing out).
 CLOUD_ROLE = "cloud"
 REPO_ROLE = "repo"
 FANOUT_ROLE = "fanout"
+INGEST_ROLE = "ingest"
+#: Service names starting with this get the ingest role: ``edgefleet-ingest-<index>``,
+#: one identity per worker (its client id; ``edgefleet-cloud ca ingest``).
+INGEST_PREFIX = "edgefleet-ingest"
 DEFAULT_SERVICES: Mapping[str, str] = {
     "edgefleet-cloud": CLOUD_ROLE,
     "edgefleet-repo": REPO_ROLE,
@@ -97,6 +108,7 @@ _ROLE_RULES: Mapping[str, tuple[tuple[str, str], ...]] = {
         ("write", f"{ROOT}/devices/+/{REPO_RESPONSE}"),
     ),
     FANOUT_ROLE: (("readwrite", f"{ROOT}/{BLOBS}/#"),),
+    INGEST_ROLE: tuple(acl_ingest_topics()),
 }
 
 
@@ -122,8 +134,9 @@ class BrokerSecurity:
     """A mutual-TLS listener plus the ACL: who may use which topics.
 
     ``services`` maps the cloud's own usernames (certificate CNs) to a role
-    (``CLOUD_ROLE`` or ``REPO_ROLE``); every other authenticated client is a
-    device, confined by patterns to its own topics. ``denied`` lists revoked
+    (``CLOUD_ROLE``, ``REPO_ROLE``, ``FANOUT_ROLE`` or ``INGEST_ROLE``); every
+    other authenticated client is a device, confined by patterns to its own
+    topics. ``denied`` lists revoked
     identities, muted even on a connection opened before the revocation.
     """
 
@@ -148,11 +161,10 @@ class BrokerSecurity:
         """Security for a broker whose server certificate and CRL ``ca`` issued.
 
         ``services`` defaults to every live service identity the CA issued
-        (``ca init --service NAME``): names starting ``edgefleet-repo`` get the
-        repository role, ``edgefleet-fanout`` the blob fan-out role, the others
-        the cloud role. Each cloud connection needs its own identity, as the
-        client id is the certificate CN. Devices with a revoked certificate and
-        no live one are denied."""
+        (``ca init --service NAME``, ``ca ingest``), each with the role
+        ``service_role`` gives its name. Each cloud connection needs its own
+        identity, as the client id is the certificate CN. Devices with a revoked
+        certificate and no live one are denied."""
         if not ca.server_cert_path.is_file():
             raise ConfigError(f"no broker certificate in {ca.dir}: run `edgefleet-cloud ca init`")
         ca.refresh_crl()  # an expired CRL would lock every client out
@@ -181,15 +193,20 @@ def _issued_services(issued: Sequence[IssuedCert]) -> dict[str, str]:
     services = dict(DEFAULT_SERVICES)
     for c in issued:
         if c.kind == "service" and c.live:
-            services[c.common_name] = _role_of(c.common_name)
+            services[c.common_name] = service_role(c.common_name)
     return services
 
 
-def _role_of(service: str) -> str:
+def service_role(service: str) -> str:
+    """The ACL role of a service identity, by name: ``edgefleet-repo*`` the repository
+    role, ``edgefleet-fanout*`` the blob fan-out role, ``edgefleet-ingest*`` the ingest
+    role, any other the cloud role."""
     if service.startswith("edgefleet-repo"):
         return REPO_ROLE
     if service.startswith("edgefleet-fanout"):
         return FANOUT_ROLE
+    if service.startswith(INGEST_PREFIX):
+        return INGEST_ROLE
     return CLOUD_ROLE
 
 

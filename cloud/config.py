@@ -35,6 +35,11 @@ class CloudSettings(BaseSettings):
     broker_tls_ca: Path | None = None
     broker_tls_cert: Path | None = None
     broker_tls_key: Path | None = None
+    #: With ``broker_tls_ca`` set, each ingest worker connects with its own identity,
+    #: ``<dir>/<client id>.pem`` and ``.key``, from here (default: ``<data dir>/pki/
+    #: services``, where ``edgefleet-cloud ca ingest`` issues them; a copy on an
+    #: ingest-only host).
+    broker_tls_ingest_dir: Path | None = None
 
     #: Also serve the TUF repository over MQTT 5 (for devices whose ``repo_url`` is
     #: ``mqtt://edgefleet-repo/``). On a secure broker this connection needs its own
@@ -95,3 +100,7 @@ class CloudSettings(BaseSettings):
     @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"

@@ -138,6 +138,17 @@ class ServiceIdentity:
     cert_file: Path
     key_file: Path
 
+    @classmethod
+    def in_dir(cls, directory: Path, name: str, ca_file: Path) -> ServiceIdentity:
+        """Identity ``name`` kept as ``<directory>/<name>.pem`` and ``<name>.key``: the
+        layout of ``<pki dir>/services``, and of a copy on another host."""
+        return cls(
+            name=name,
+            ca_file=ca_file,
+            cert_file=directory / f"{name}.pem",
+            key_file=directory / f"{name}.key",
+        )
+
     def as_tls_dict(self) -> dict[str, str]:
         return {
             "ca_file": str(self.ca_file),
@@ -249,6 +260,10 @@ class CertificateAuthority:
     @property
     def server_cert_path(self) -> Path:
         return self.dir / "server.pem"
+
+    @property
+    def services_dir(self) -> Path:
+        return self.dir / "services"
 
     @property
     def initialized(self) -> bool:
@@ -372,13 +387,7 @@ class CertificateAuthority:
 
     def service_identity(self, name: str) -> ServiceIdentity:
         """The files of service identity ``name`` (issued or not)."""
-        base = self.dir / "services"
-        return ServiceIdentity(
-            name=name,
-            ca_file=self.ca_cert_path,
-            cert_file=base / f"{name}.pem",
-            key_file=base / f"{name}.key",
-        )
+        return ServiceIdentity.in_dir(self.services_dir, name, self.ca_cert_path)
 
     # -- revocation -----------------------------------------------------------
     def revoke(self, common_name: str, *, now: datetime | None = None) -> list[int]:

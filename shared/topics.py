@@ -23,6 +23,7 @@ __all__ = [
     "Channel",
     "acl_blob_topics",
     "acl_device_topics",
+    "acl_ingest_topics",
     "blob_chunk_topic",
     "blob_filter",
     "blob_meta_topic",
@@ -149,6 +150,18 @@ def acl_device_topics() -> list[tuple[str, str]]:
         ("write", Channel.STATUS.value),
         ("write", REPO_REQUEST),
         ("read", REPO_RESPONSE),
+    ]
+
+
+def acl_ingest_topics() -> list[tuple[str, str]]:
+    """(access, topic) a telemetry ingest worker has: read the streams it stores.
+
+    Read only: an ingest identity can neither write a desired state nor a
+    release blob. Mosquitto 2.0 checks read access on each message it delivers,
+    against the message's own topic, so these grants also cover the shared
+    subscriptions (``$share/<group>/...``) ingest workers use."""
+    return [
+        ("read", subscription(ch)) for ch in (Channel.TELEMETRY, Channel.STATUS, Channel.REPORTED)
     ]
 
 

@@ -10,6 +10,12 @@ TensorFlow never loads into the service.
 worker process that dies is restarted. Run the service with
 ``EDGEFLEET_INGEST_WORKERS=0`` when ingest runs apart, or give the two
 different ``--client-prefix`` values.
+
+On a mutual-TLS broker (``--broker-tls-ca`` / ``EDGEFLEET_BROKER_TLS_CA``) each
+worker connects with the certificate issued for its own client id
+(``edgefleet-cloud ca ingest --workers N``), found in ``--broker-tls-ingest-dir``
+(default ``<data dir>/pki/services``); a missing one stops the command before
+any worker starts.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ def _settings(args: argparse.Namespace) -> Any:
         updates["database_url"] = args.database_url
     if args.window:
         updates["drift_window_seconds"] = args.window
+    if args.broker_tls_ca:
+        updates["broker_tls_ca"] = args.broker_tls_ca
+    if args.broker_tls_ingest_dir:
+        updates["broker_tls_ingest_dir"] = args.broker_tls_ingest_dir
     return settings.model_copy(update=updates) if updates else settings
 
 
@@ -53,6 +63,8 @@ def _run_one(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError
 
     settings = _settings(args)
+    # First, so a missing TLS identity stops the worker before it opens anything.
+    configs = worker_configs(settings, 1, first_index=args.index, client_prefix=args.client_prefix)
     db = Database(settings.db_url)
     db.create_all()
     try:
@@ -62,7 +74,6 @@ def _run_one(args: argparse.Namespace) -> int:
     except ConfigError as e:
         log.warning("no release repository (%s): histogram shapes are not checked", e)
         releases = None
-    configs = worker_configs(settings, 1, first_index=args.index, client_prefix=args.client_prefix)
     for c in configs:
         c.batch_size = args.batch_size
     pool = IngestPool(db, configs, releases=releases)
@@ -97,6 +108,13 @@ def _run_one(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     if args.workers == 1:
         return _run_one(args)
+    from cloud.ingest import worker_configs
+
+    # Every worker's identity is checked here, so a missing certificate is one clear
+    # error rather than a child process restarted forever.
+    worker_configs(
+        _settings(args), args.workers, first_index=args.index, client_prefix=args.client_prefix
+    )
     children: dict[int, subprocess.Popen[bytes]] = {}
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -124,6 +142,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             ("--database-url", args.database_url),
             ("--client-prefix", args.client_prefix),
             ("--window", args.window),
+            ("--broker-tls-ca", args.broker_tls_ca),
+            ("--broker-tls-ingest-dir", args.broker_tls_ingest_dir),
         ):
             if value:
                 argv += [flag, str(value)]
@@ -262,6 +282,16 @@ def register(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here (+index)")
     s.add_argument("--metrics-host", default="127.0.0.1")
+    s.add_argument(
+        "--broker-tls-ca",
+        type=Path,
+        help="cloud CA file: mutual TLS to the broker (env EDGEFLEET_BROKER_TLS_CA)",
+    )
+    s.add_argument(
+        "--broker-tls-ingest-dir",
+        type=Path,
+        help="directory of the workers' <client id>.pem/.key (default <data dir>/pki/services)",
+    )
     s.set_defaults(func=cmd_ingest)
 
     r = sub.add_parser("retrain", help="retraining jobs")

@@ -2,6 +2,8 @@
 
 * ``ca init``: the device CA, the broker's server certificate and the cloud's
   own client identities (``edgefleet-cloud``, ``edgefleet-repo``).
+* ``ca ingest --workers N``: one identity per telemetry ingest worker
+  (``edgefleet-ingest-0`` .. ``N-1``, the workers' client ids), read-only in the ACL.
 * ``device enroll --csr``: sign a CSR a device made (its key stays on it);
   ``device issue``: a one-time bootstrap token for online enrollment;
   ``device revoke``: revoke a device (CRL + ACL; reload the broker).
@@ -61,6 +63,35 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
         print(f"service identity {name}: {ident.cert_file}")
     print(f"CA certificate (give it to devices): {ca.ca_cert_path}")
     print(f"broker certificate: {ca.server_cert_path}; CRL: {ca.crl_path}")
+    return 0
+
+
+def cmd_ca_ingest(args: argparse.Namespace) -> int:
+    from cloud.broker import INGEST_PREFIX, INGEST_ROLE, service_role
+    from cloud.ingest.pool import ingest_client_ids
+    from shared.errors import ConfigError
+
+    if args.workers < 1 or args.index < 0:
+        raise ConfigError("--workers must be at least 1 and --index at least 0")
+    names = ingest_client_ids(
+        settings_from(args), args.workers, first_index=args.index, client_prefix=args.client_prefix
+    )
+    # The ACL grants by name: an identity outside the ingest prefix would get the
+    # cloud's full role.
+    wrong = [n for n in names if service_role(n) != INGEST_ROLE]
+    if wrong:
+        raise ConfigError(
+            f"{wrong[0]!r} would not get the read-only ingest role in the broker ACL; "
+            f"use a --client-prefix starting with {INGEST_PREFIX!r}"
+        )
+    ca = _ca(args)
+    for name in names:
+        ident = ca.issue_service_identity(name)
+        print(f"ingest identity {name}: {ident.cert_file} (key {ident.key_file.name})")
+    print(
+        "regenerate the broker ACL (`edgefleet-cloud broker config`) and reload the broker; "
+        "ingest hosts without this data dir need the files in EDGEFLEET_BROKER_TLS_INGEST_DIR"
+    )
     return 0
 
 
@@ -201,6 +232,11 @@ def register(sub: Any) -> None:
     s.add_argument("--broker-ip", action="append", help="IP address of the broker (repeatable)")
     s.add_argument("--service", action="append", help="cloud identity to issue (repeatable)")
     s.set_defaults(func=cmd_ca_init)
+    s = local_args(csub.add_parser("ingest", help="issue the ingest workers' identities"))
+    s.add_argument("--workers", type=int, required=True, help="how many identities")
+    s.add_argument("--index", type=int, default=0, help="index of the first one")
+    s.add_argument("--client-prefix", help="client id prefix (default edgefleet-ingest)")
+    s.set_defaults(func=cmd_ca_ingest)
     s = local_args(csub.add_parser("crl", help="re-sign the CRL if it is close to expiry"))
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_ca_crl)

@@ -1,4 +1,12 @@
-"""A set of ingest workers run by one process, and the release lookup they share."""
+"""A set of ingest workers run by one process, their broker settings, and the
+release lookup they share.
+
+On a mutual-TLS broker every worker connects with its own certificate, whose
+CN is its client id ``<prefix>-<index>`` (the broker forces client id = CN, so
+two workers sharing one identity would keep kicking each other off); the ACL
+grants such ``edgefleet-ingest*`` identities read access to the streams ingest
+stores and nothing else (``cloud.broker.INGEST_ROLE``).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +24,16 @@ from cloud.ingest.worker import (
     UnknownRelease,
 )
 from cloud.releases import ReleaseService, UnknownReleaseError
+from shared.errors import ConfigError
 from shared.manifest import DriftSpec
 
-__all__ = ["IngestPool", "cached_release_lookup", "worker_configs"]
+__all__ = [
+    "IngestPool",
+    "cached_release_lookup",
+    "ingest_client_ids",
+    "worker_configs",
+    "worker_tls",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +70,60 @@ def cached_release_lookup(service: ReleaseService) -> ReleaseLookup:
     return lookup
 
 
+def ingest_client_ids(
+    settings: CloudSettings, workers: int, *, first_index: int = 0, client_prefix: str | None = None
+) -> list[str]:
+    """The stable client ids (and, on a secure broker, certificate CNs) of ``workers``
+    ingest workers: ``<prefix>-<first_index>`` onwards."""
+    prefix = client_prefix or settings.ingest_client_prefix
+    return [f"{prefix}-{first_index + i}" for i in range(workers)]
+
+
+def worker_tls(settings: CloudSettings, client_id: str) -> dict[str, str] | None:
+    """The TLS settings of ingest worker ``client_id`` (``IngestConfig.tls``): ``None``
+    without ``broker_tls_ca``, else the cloud CA and the worker's own certificate and
+    key from ``broker_tls_ingest_dir`` (default ``<data dir>/pki/services``).
+
+    The edgefleet broker admits no client without a certificate, so a worker
+    without its own would never get a session: ``ConfigError`` names the missing
+    file instead."""
+    if settings.broker_tls_ca is None:
+        return None
+    from cloud.pki import CertificateAuthority, ServiceIdentity
+
+    directory = (
+        settings.broker_tls_ingest_dir or CertificateAuthority(settings.pki_dir).services_dir
+    )
+    ident = ServiceIdentity.in_dir(directory, client_id, settings.broker_tls_ca)
+    for path in (ident.cert_file, ident.key_file):
+        if not path.is_file():
+            raise ConfigError(
+                f"ingest worker {client_id} has no client certificate for the TLS broker: "
+                f"{path} is missing. Issue one identity per worker on the CA host with "
+                "`edgefleet-cloud ca ingest --workers N`, regenerate the broker ACL "
+                "(`edgefleet-cloud broker config`) and reload the broker; on another host "
+                f"copy {client_id}.pem and {client_id}.key into EDGEFLEET_BROKER_TLS_INGEST_DIR"
+            )
+    return ident.as_tls_dict()
+
+
 def worker_configs(
     settings: CloudSettings, workers: int, *, first_index: int = 0, client_prefix: str | None = None
 ) -> list[IngestConfig]:
-    """One ``IngestConfig`` per worker, with stable client ids ``<prefix>-<index>``."""
-    prefix = client_prefix or settings.ingest_client_prefix
+    """One ``IngestConfig`` per worker, with stable client ids ``<prefix>-<index>``
+    and, on a TLS broker, the worker's own identity (``worker_tls``)."""
     return [
         IngestConfig(
             host=settings.broker_host,
             port=settings.broker_port,
             share_group=settings.ingest_store_group,
-            client_id=f"{prefix}-{first_index + i}",
+            client_id=client_id,
+            tls=worker_tls(settings, client_id),
             bucket_seconds=settings.drift_window_seconds,
         )
-        for i in range(workers)
+        for client_id in ingest_client_ids(
+            settings, workers, first_index=first_index, client_prefix=client_prefix
+        )
     ]
 
 

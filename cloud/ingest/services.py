@@ -5,6 +5,10 @@ middleware needs them before the app starts), and its lifespan calls
 ``start`` once the broker connection exists and ``stop`` on shutdown:
 ingest workers (``ingest_workers`` of them; 0 when ingest runs apart), the
 drift monitor, and the retrain loop when a ``retrain_job`` is configured.
+
+On a mutual-TLS broker each ingest worker connects with its own identity
+(``cloud.ingest.pool.worker_tls``), never the service's: the service does not
+start while one of them is missing.
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ class Observability:
         return bool(ctx is not None and ctx.mqtt is not None and ctx.mqtt.connected.is_set())
 
     def start(self, ctx: CloudContext, *, ingest: bool = True) -> None:
-        """Start ingest (if ``ingest``), the drift monitor and the retrain loop."""
+        """Start ingest (if ``ingest``), the drift monitor and the retrain loop.
+
+        Raises ``ConfigError`` when an ingest worker's TLS identity is missing."""
         s = self.settings
         self._ctx = ctx
         if ingest and s.ingest_workers > 0:

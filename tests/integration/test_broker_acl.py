@@ -151,13 +151,15 @@ def test_devices_read_release_blobs_but_never_write_them(sec: SecureBroker) -> N
 
 
 def test_new_service_identity_is_granted_after_sync(sec: SecureBroker) -> None:
-    ingest = sec.service_tls(sec.ca.issue_service_identity("edgefleet-ingest-2"))
-    with probe(sec.port, tls=ingest, client_id="x") as p:
+    # A second cloud connection (ingest identities get the read-only ingest role:
+    # tests/integration/test_ingest_tls.py).
+    second = sec.service_tls(sec.ca.issue_service_identity("edgefleet-cloud-2"))
+    with probe(sec.port, tls=second, client_id="x") as p:
         # Not in the ACL yet: only the device patterns apply to an unknown name.
         assert p.publish(device_topic("dev-a", Channel.DESIRED), b"d") == NOT_AUTHORIZED
         sec.broker.sync_with_ca(sec.ca)
         assert p.publish(device_topic("dev-a", Channel.DESIRED), b"d") < NOT_AUTHORIZED
-    assert "user edgefleet-ingest-2" in sec.broker.config.acl_file.read_text()  # type: ignore[union-attr]
+    assert "user edgefleet-cloud-2" in sec.broker.config.acl_file.read_text()  # type: ignore[union-attr]
 
 
 def test_client_id_is_forced_to_the_certificate_cn(sec: SecureBroker) -> None:
