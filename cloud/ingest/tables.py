@@ -54,7 +54,13 @@ class TelemetryWindow(Base):
 
     __tablename__ = "telemetry_windows"
     __table_args__ = (
-        UniqueConstraint("device_id", "seq", "window_start", name="uq_telemetry_device_seq"),
+        # Time first: windows arrive roughly in time order across the fleet, so new keys
+        # land at the end of the index and a batch dirties a few of its pages. Device
+        # first, a batch from N devices dirtied N leaf pages, and its commit (WAL
+        # writes, checkpoints) cost grew with the table: 2 us per window at 10 000
+        # rows, 9 us at 60 000 (SQLite, measured for bench/ingest.py). The key is the
+        # same set of columns either way; ON CONFLICT names it in any order.
+        UniqueConstraint("window_start", "device_id", "seq", name="uq_telemetry_device_seq"),
         Index("ix_telemetry_received", "received_at"),
         Index("ix_telemetry_release_received", "model", "release", "received_at"),
         Index("ix_telemetry_device_received", "device_id", "received_at"),
