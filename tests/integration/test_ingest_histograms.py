@@ -7,7 +7,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.ingest.histograms import MAX_COUNT, pack_histogram, unpack_histograms
+from cloud.ingest.histograms import (
+    MAX_COUNT,
+    PackedHistogram,
+    pack_histogram,
+    unpack_histograms,
+)
+from shared.messages import PackedCounts
 
 #: Mostly small counts (the one-byte layout), sometimes a wide one.
 counts = st.one_of(
@@ -27,10 +33,23 @@ def histograms(draw: st.DrawFn) -> list[list[int]]:
     return [draw(st.lists(counts, min_size=b, max_size=b)) for _ in range(f)]
 
 
-@settings(max_examples=150, deadline=None)
-@given(batch=st.lists(st.one_of(st.none(), histograms()), max_size=12))
-def test_unpacked_batch_matches_plain_python(batch: list[list[list[int]] | None]) -> None:
-    packed = [pack_histogram(h) if h else None for h in batch]
+def _received(h: list[list[int]], as_device: bool) -> PackedHistogram | None:
+    """``h`` as ingest holds it: packed from JSON lists, or as a device packed it."""
+    if as_device and h[0]:
+        counts = PackedCounts.of(h)  # u1 .. u8, whichever the largest count needs
+        return counts.shape, f"<{counts.dtype}", counts.raw
+    return pack_histogram(h)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch=st.lists(st.one_of(st.none(), histograms()), max_size=12),
+    as_device=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_unpacked_batch_matches_plain_python(
+    batch: list[list[list[int]] | None], as_device: list[bool]
+) -> None:
+    packed = [_received(h, d) if h else None for h, d in zip(batch, as_device, strict=False)]
     assert all(p is not None for p, h in zip(packed, batch, strict=True) if h)
     got = unpack_histograms(packed)
     for i, h in enumerate(batch):
