@@ -41,14 +41,6 @@ def sec(tmp_path: Path) -> Iterator[SecureBroker]:
         yield s
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'ingest.db'}")
-    database.create_all()
-    yield database
-    database.dispose()
-
-
 def _settings(sec: SecureBroker) -> CloudSettings:
     """The cloud host's settings: its own identity for the service, the CA in
     ``<data dir>/pki`` (``secure_broker`` made it in ``workdir/pki``)."""

@@ -39,19 +39,24 @@ def test_corrupt_buffer_file_is_ignored(tmp_path: Path) -> None:
     assert TelemetryBuffer().load(path) == 0
 
 
-def test_window_histograms_real_inputs_on_the_baseline_edges() -> None:
-    rng = np.random.default_rng(0)
-    real = rng.random((500, 4, 4, 1))
-    baseline = build_baseline(extract_features(real, "flatten"), 8)
-    w = TelemetryWindow(clock=lambda: 10.0)
+def _window(real: np.ndarray, bins: int, n_classes: int, packed: bool = True) -> TelemetryWindow:
+    """A window whose drift baseline is ``real``'s own distribution."""
+    w = TelemetryWindow(clock=lambda: 10.0, packed=packed)
     w.set_drift(
         DriftContext(
-            baseline=baseline,
+            baseline=build_baseline(extract_features(real, "flatten"), bins),
             features="flatten",
-            n_classes=3,
+            n_classes=n_classes,
             to_real=lambda x: np.asarray(x, dtype=np.float64),
         )
     )
+    return w
+
+
+def test_window_histograms_real_inputs_on_the_baseline_edges() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.random((500, 4, 4, 1))
+    w = _window(real, bins=8, n_classes=3)
     for i in range(300):
         w.record(0.001 * (1 + i % 3), real[i], np.eye(3)[i % 3])
     w.record_error()
@@ -75,18 +80,9 @@ def test_unpacked_window_sends_the_same_counts_as_lists() -> None:
     encoding only."""
     rng = np.random.default_rng(1)
     real = rng.random((400, 2, 2, 1))
-    baseline = build_baseline(extract_features(real, "flatten"), 4)
     msgs = []
     for packed in (True, False):
-        w = TelemetryWindow(clock=lambda: 10.0, packed=packed)
-        w.set_drift(
-            DriftContext(
-                baseline=baseline,
-                features="flatten",
-                n_classes=2,
-                to_real=lambda x: np.asarray(x, dtype=np.float64),
-            )
-        )
+        w = _window(real, bins=4, n_classes=2, packed=packed)
         for i in range(400):
             w.record(0.001, real[i], np.eye(2)[i % 2])
         msgs.append(w.close(device_id="dev-t", seq=1, model="m", release=1, stats=None))
