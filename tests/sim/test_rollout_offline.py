@@ -75,9 +75,17 @@ def test_offline_device_catches_up_after_the_rollout(tmp_path: Path, cloud_templ
             assert time.monotonic() < deadline, st
             fleet.check_alive()
             time.sleep(0.5)
-        dev = api("GET", "/api/v1/devices/dev-004").json()
+        # The registry writes device history in batches (every 0.5 s): the rollout
+        # may count the device updated a moment before its history shows why.
+        deadline = time.monotonic() + 10
+        while True:
+            dev = api("GET", "/api/v1/devices/dev-004").json()
+            committed = any(
+                h["kind"] == "committed" and h["release"] == release and h["rollout_id"] == rid
+                for h in dev["history"]
+            )
+            if committed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert dev["release"] == release and dev["online"]
-        assert any(
-            h["kind"] == "committed" and h["release"] == release and h["rollout_id"] == rid
-            for h in dev["history"]
-        ), dev["history"]
+        assert committed, dev["history"]
