@@ -533,13 +533,15 @@ class CertificateAuthority:
         cert = builder.sign(ca_key, hashes.SHA256())
         index = self._index()
         old: set[int] = set()
-        if kind == "device":
-            # Only the newest key speaks for a device: older live certificates go.
+        if kind in ("device", "service"):
+            # Only the newest key speaks for a device or a cloud identity: older live
+            # certificates go, so re-issuing (``ca init`` again, a rotation after a
+            # leak) also cuts off whoever holds the old key once the broker reloads.
             old = {c.serial for c in index if c.common_name == cn and c.live}
             index = _revoke_in(index, old, now)
         index.append(IssuedCert(cert.serial_number, cn, kind, not_after))
         self._write_index(index)
-        if kind == "device" and old:
+        if old:
             self._write_crl(index, now)
         return cert.public_bytes(serialization.Encoding.PEM)
 

@@ -247,6 +247,23 @@ def test_reenrollment_and_revocation_go_to_the_crl(ca: CertificateAuthority) -> 
         ca.revoke("dev-1")
 
 
+def test_reissued_service_identity_revokes_the_old_certificate(ca: CertificateAuthority) -> None:
+    """``ca init`` run again, or a rotation after a leak: the old key must stop working."""
+    ident = ca.issue_service_identity("edgefleet-cloud")
+    first = x509.load_pem_x509_certificate(ident.cert_file.read_bytes())
+    ca.issue_service_identity("edgefleet-repo")  # another identity is not touched
+    repo = x509.load_pem_x509_certificate(
+        ca.service_identity("edgefleet-repo").cert_file.read_bytes()
+    )
+    ca.issue_service_identity("edgefleet-cloud")
+    second = x509.load_pem_x509_certificate(ident.cert_file.read_bytes())
+    assert second.serial_number != first.serial_number
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(first.serial_number) is not None
+    assert crl.get_revoked_certificate_by_serial_number(second.serial_number) is None
+    assert crl.get_revoked_certificate_by_serial_number(repo.serial_number) is None
+
+
 def test_crl_is_resigned_before_it_expires(ca: CertificateAuthority) -> None:
     now = datetime.now(UTC)
     assert ca.refresh_crl(now=now) is False
