@@ -7,6 +7,8 @@ rollout or an action the rollout's state forbids a 409 — each with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
@@ -52,26 +54,32 @@ class RecallIn(BaseModel):
     take_down: bool = False
 
 
-def _http(e: Exception) -> HTTPException:
-    if isinstance(e, (UnknownReleaseError, RolloutNotFoundError)):
-        return HTTPException(404, str(e))
-    if isinstance(e, SelectionError):
-        return HTTPException(422, str(e))
-    if isinstance(e, RolloutConflictError):
-        return HTTPException(409, str(e))
-    if isinstance(e, TransferError):
-        return HTTPException(503, str(e))
-    return HTTPException(400, str(e))
+#: HTTP status of each refusal, first match wins; any other ``EdgefleetError`` is a 400.
+_STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
+    (UnknownReleaseError, 404),
+    (RolloutNotFoundError, 404),
+    (SelectionError, 422),
+    (RolloutConflictError, 409),
+    (TransferError, 503),
+)
+
+
+@contextmanager
+def _refusals_as_http() -> Iterator[None]:
+    """Raise what the services refuse as an HTTP error whose detail is their reason."""
+    try:
+        yield
+    except EdgefleetError as e:
+        status = next((code for kind, code in _STATUS if isinstance(e, kind)), 400)
+        raise HTTPException(status, str(e)) from e
 
 
 @router.post("/rollouts", status_code=201)
 def start_rollout(ctx: Ctx, who: Operator, body: RolloutSpec) -> dict[str, Any]:
     if ctx.mqtt is None:
         raise HTTPException(503, "the cloud has no broker connection")
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.start(body, who.name)
-    except EdgefleetError as e:
-        raise _http(e) from e
 
 
 @router.get("/rollouts")
@@ -86,10 +94,8 @@ def list_rollouts(
 
 @router.get("/rollouts/{rollout_id}")
 def get_rollout(ctx: Ctx, _who: Viewer, rollout_id: str) -> dict[str, Any]:
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.status(rollout_id)
-    except RolloutNotFoundError as e:
-        raise _http(e) from e
 
 
 @router.get("/rollouts/{rollout_id}/events")
@@ -100,44 +106,34 @@ def rollout_events(
     after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> list[dict[str, Any]]:
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.events(rollout_id, after=after, limit=limit)
-    except RolloutNotFoundError as e:
-        raise _http(e) from e
 
 
 @router.get("/rollouts/{rollout_id}/devices")
 def rollout_devices(
     ctx: Ctx, _who: Viewer, rollout_id: str, status: DeviceStatus | None = None
 ) -> list[dict[str, Any]]:
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.devices(rollout_id, status.value if status else None)
-    except RolloutNotFoundError as e:
-        raise _http(e) from e
 
 
 @router.post("/rollouts/{rollout_id}/pause")
 def pause_rollout(ctx: Ctx, who: Operator, rollout_id: str, body: ActionIn) -> dict[str, Any]:
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.pause(rollout_id, who.name, body.reason)
-    except EdgefleetError as e:
-        raise _http(e) from e
 
 
 @router.post("/rollouts/{rollout_id}/resume")
 def resume_rollout(ctx: Ctx, who: Operator, rollout_id: str, body: ResumeIn) -> dict[str, Any]:
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.resume(rollout_id, who.name, body.reason, advance=body.advance)
-    except EdgefleetError as e:
-        raise _http(e) from e
 
 
 @router.post("/rollouts/{rollout_id}/abort")
 def abort_rollout(ctx: Ctx, who: Operator, rollout_id: str, body: AbortIn) -> dict[str, Any]:
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.abort(rollout_id, who.name, body.reason, rollback=body.rollback)
-    except EdgefleetError as e:
-        raise _http(e) from e
 
 
 @router.post("/releases/{model}/{release}/recall")
@@ -154,7 +150,7 @@ def recall_release(
         )
     if ctx.mqtt is None:
         raise HTTPException(503, "the cloud has no broker connection")
-    try:
+    with _refusals_as_http():
         return ctx.rollouts.recall(
             model,
             release,
@@ -163,16 +159,12 @@ def recall_release(
             to_release=body.to_release,
             take_down=body.take_down,
         )
-    except EdgefleetError as e:
-        raise _http(e) from e
 
 
 @router.delete("/releases/{model}/{release}")
 def take_down_release(ctx: Ctx, _who: Admin, model: str, release: ReleaseNo) -> dict[str, Any]:
     """Delist a release's targets: no device can fetch it any more (running devices
     keep it until told otherwise: recall first)."""
-    try:
+    with _refusals_as_http():
         paths = ctx.releases.take_down(model, release)
-    except EdgefleetError as e:
-        raise _http(e) from e
     return {"model": model, "release": release, "taken_down": paths}
