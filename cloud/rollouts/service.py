@@ -366,8 +366,10 @@ class RolloutService:
                     offer = r.wave
                 self._journal.record(s, rid, "resumed", r.reason, wave=r.wave)
             pending = self._pending_in_current_wave(rid)
-            if offer is not None or pending:
-                self._offer_wave(rid, offer if offer is not None else pending)
+            if offer is None:
+                offer = pending  # wave 0 is a wave: compare with None, not truth
+            if offer is not None:
+                self._offer_wave(rid, offer)
         return self.status(rid)
 
     def _pending_in_current_wave(self, rid: str) -> int | None:

@@ -25,6 +25,7 @@ from cloud.releases import ReleaseService, UnknownReleaseError
 from cloud.rollouts.service import RolloutConflictError, RolloutService, SelectionError
 from cloud.rollouts.spec import RolloutSpec
 from cloud.tuf_repo import ReleaseRepository
+from shared.errors import TransferError
 from shared.manifest import ReleaseManifest, target_path
 from shared.messages import Desired, HardwareInfo, Reported, Status, UpdateState
 from tests.pg import open_database
@@ -86,6 +87,8 @@ class Fleet:
             _publish(self.repo, r)
         _publish(self.repo, 3, hardware_tags=["npu"])
         self.desired: dict[str, tuple[int, str]] = {}
+        #: Set to make publishing desired states fail (the broker is down).
+        self.broker_down = False
         self.service = RolloutService(db, self.releases, self.view, self._deploy, clock=self.clock)
         self.ids = [f"d{i:02d}" for i in range(n)]
         for i, d in enumerate(self.ids):
@@ -96,6 +99,8 @@ class Fleet:
     def _deploy(
         self, ids: list[str], model: str, release: int, rid: str, deadline: float | None
     ) -> None:
+        if self.broker_down:
+            raise TransferError("the broker is not connected")
         for d in ids:
             self.desired[d] = (release, rid)
             # As the real deployer does once the broker has it.
@@ -298,6 +303,18 @@ def test_timeout_pauses_and_resume_can_advance(fleet: Fleet) -> None:
     fleet.service.resume(st["id"], "op", "field team says go", advance=True)
     assert len(fleet.desired) == 20
     assert fleet.service.status(st["id"])["wave"] == 2
+
+
+def test_a_first_wave_that_could_not_be_published_is_retried_on_resume(fleet: Fleet) -> None:
+    fleet.broker_down = True
+    with pytest.raises(TransferError):
+        fleet.service.start(_spec(waves=[25, 100]), "op")
+    (paused,) = fleet.service.list()
+    assert paused["state"] == "paused" and "could not publish wave 1" in paused["reason"]
+    assert fleet.desired == {}
+    fleet.broker_down = False
+    fleet.service.resume(paused["id"], "op")
+    assert len(fleet.desired) == 5, "resume must offer the first wave again"
 
 
 def test_deadline_marks_devices_missed(fleet: Fleet) -> None:
