@@ -19,6 +19,7 @@ from cloud import __version__
 from cloud.api import ROUTERS
 from cloud.api.deps import CloudContext
 from cloud.api.devices import publish_desired
+from cloud.api.ratelimit import RateLimitMiddleware
 from cloud.config import CloudSettings
 from cloud.db import Database
 from cloud.device_registry import DeviceRegistry
@@ -26,6 +27,7 @@ from cloud.fleet import FleetView
 from cloud.ingest.services import Observability
 from cloud.metrics import ApiLatencyMiddleware
 from cloud.mqtt_bridge import CloudMqtt
+from cloud.ratelimit import TokenBucketLimiter
 from cloud.releases import ReleaseService
 from cloud.rollouts.controller import RolloutController
 from cloud.rollouts.service import RolloutService
@@ -135,8 +137,12 @@ def create_app(settings: CloudSettings, *, connect_mqtt: bool = True) -> FastAPI
             ),
         ),
     )
+    if settings.api_rate_limit > 0:
+        ctx.rate_limiter = TokenBucketLimiter(settings.api_rate_limit, settings.api_rate_burst)
     # Telemetry ingest, drift monitor, retrain loop, /metrics (cloud.ingest.services).
     app.state.observability = Observability.create(settings, db, fleet, app.state.ctx.releases)
+    # The last middleware added runs first: latency metrics see the 429s too.
+    app.add_middleware(RateLimitMiddleware, limiter=ctx.rate_limiter)
     app.add_middleware(ApiLatencyMiddleware, metrics=app.state.observability.metrics)
     # Devices fetch TUF metadata and targets here (HTTP Range requests supported).
     app.mount("/tuf", StaticFiles(directory=settings.repo_dir, check_dir=True), name="tuf")

@@ -29,6 +29,12 @@ class CloudSettings(BaseSettings):
     database_url: str | None = None
     #: Serve the operator API without tokens. Local experiments only: logs a warning.
     unsafe_disable_auth: bool = False
+    #: Rate limit of the operator API (``/api/v1/*`` but enrollment; never ``/tuf``,
+    #: ``/healthz`` or ``/metrics``): a token bucket per API token, else per source
+    #: address, refilling at this many requests per second (0: no limit) ...
+    api_rate_limit: float = Field(default=50.0, ge=0, le=1_000_000)
+    #: ... holding this many, the requests a client may make at once.
+    api_rate_burst: int = Field(default=200, ge=1, le=1_000_000)
     #: Mutual TLS to the broker (files from ``edgefleet-cloud ca init --service``):
     #: the cloud CA, and this service's certificate and key. Unset: plain MQTT
     #: (a broker on loopback for local runs only).

@@ -3,9 +3,12 @@ that no test leaves a child process behind."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,9 +57,12 @@ class RunningCloud:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
 
-@pytest.fixture
-def cloud(tmp_path: Path, broker: MosquittoProcess) -> Iterator[RunningCloud]:
-    """The cloud service in this process, connected to the test's broker."""
+@contextmanager
+def _running_cloud(
+    data_dir: Path, broker: MosquittoProcess, **overrides: Any
+) -> Iterator[RunningCloud]:
+    """The cloud service (real uvicorn on a free port) on ``data_dir``, which may
+    hold a database already; ``overrides`` are ``CloudSettings`` fields."""
     import threading
     import time
 
@@ -69,9 +75,9 @@ def cloud(tmp_path: Path, broker: MosquittoProcess) -> Iterator[RunningCloud]:
     from cloud.db import Database
 
     settings = CloudSettings(
-        data_dir=tmp_path / "cloud", broker_port=broker.port, http_port=free_port()
+        data_dir=data_dir, broker_port=broker.port, http_port=free_port(), **overrides
     )
-    settings.data_dir.mkdir(parents=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
     db.create_all()
     tokens = {
@@ -94,3 +100,24 @@ def cloud(tmp_path: Path, broker: MosquittoProcess) -> Iterator[RunningCloud]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, broker: MosquittoProcess) -> Iterator[RunningCloud]:
+    """The cloud service in this process, connected to the test's broker."""
+    with _running_cloud(tmp_path / "cloud", broker) as running:
+        yield running
+
+
+@pytest.fixture
+def cloud_with(tmp_path: Path, broker: MosquittoProcess) -> Iterator[Callable[..., RunningCloud]]:
+    """Start the cloud service with other settings: ``cloud_with(api_rate_burst=5)``
+    (``data_dir=`` to serve a database prepared beforehand); stopped after the test."""
+    started = itertools.count()
+    with ExitStack() as stack:
+
+        def start(**overrides: Any) -> RunningCloud:
+            overrides.setdefault("data_dir", tmp_path / f"cloud-{next(started)}")
+            return stack.enter_context(_running_cloud(broker=broker, **overrides))
+
+        yield start

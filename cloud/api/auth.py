@@ -2,8 +2,11 @@
 
 ``Viewer``, ``Operator`` and ``Admin`` are dependency aliases: a route that
 reads state takes ``Viewer``, a route that changes anything takes
-``Operator`` (or ``Admin``). Missing or unknown token: 401; a valid token
-with too small a role: 403. The token itself is never logged.
+``Operator`` (or ``Admin``). Missing, unknown, revoked or expired token: 401
+with the reason; a valid token with too small a role: 403. A presented token
+that is refused is also charged to the caller's address in the rate limit
+(``cloud.api.ratelimit``), so made-up tokens buy no extra requests. The token
+itself is never logged.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from cloud.api.deps import CloudContext, _ctx
-from cloud.auth import Role, verify_token
+from cloud.api.ratelimit import charge_failed_auth
+from cloud.auth import Role, TokenRefused, authenticate
 
 __all__ = ["Admin", "Operator", "Principal", "Viewer", "require"]
 
@@ -45,11 +49,13 @@ def require(role: Role):  # type: ignore[no-untyped-def]
                 "missing API token: send `Authorization: Bearer <token>`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        tok = verify_token(ctx.db, secret.strip())
-        if tok is None:
+        try:
+            tok = authenticate(ctx.db, secret.strip())
+        except TokenRefused as e:
+            charge_failed_auth(request, ctx.rate_limiter)  # 429 once the address is out
             raise HTTPException(
-                401, "unknown or revoked API token", headers={"WWW-Authenticate": "Bearer"}
-            )
+                401, str(e), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            ) from None
         have = Role(tok.role)
         if not have.allows(role):
             raise HTTPException(

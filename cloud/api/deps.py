@@ -13,6 +13,7 @@ from cloud.device_registry import DeviceRegistry
 from cloud.fanout import BlobFanout
 from cloud.fleet import FleetView
 from cloud.mqtt_bridge import CloudMqtt
+from cloud.ratelimit import TokenBucketLimiter
 from cloud.releases import ReleaseService
 from cloud.rollouts.service import RolloutService
 from cloud.tuf_repo import ReleaseRepository
@@ -34,6 +35,8 @@ class CloudContext:
     rollouts: RolloutService
     #: Release blobs fanned out through the broker (``None``: off, or no broker).
     fanout: BlobFanout | None = None
+    #: The operator API's rate limit (``cloud.api.ratelimit``; ``None``: off).
+    rate_limiter: TokenBucketLimiter | None = None
 
 
 def _ctx(request: Request) -> CloudContext:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,18 @@ def cmd_root(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lifetime(text: str) -> timedelta | None:
+    from cloud.auth import parse_lifetime
+    from shared.errors import ConfigError
+
+    try:
+        return parse_lifetime(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_token(args: argparse.Namespace) -> int:
-    from cloud.auth import create_token, list_tokens, revoke_token
+    from cloud.auth import create_token, format_time, list_tokens, revoke_token
     from cloud.db import Database
 
     settings = settings_from(args)
@@ -61,14 +73,29 @@ def cmd_token(args: argparse.Namespace) -> int:
     db.create_all()
     try:
         if args.action == "create":
+            now = time.time()
+            secret = create_token(db, args.name, args.role, lifetime=args.expires_in, now=now)
             # The secret goes to stdout alone so scripts can capture it.
-            print(create_token(db, args.name, args.role))
+            print(secret)
+            if args.expires_in is None:
+                print(
+                    f"token {args.name!r} ({args.role}) never expires: revoke it when done",
+                    file=sys.stderr,
+                )
+            else:
+                when = format_time(now + args.expires_in.total_seconds())
+                print(f"token {args.name!r} ({args.role}) expires {when}", file=sys.stderr)
         elif args.action == "revoke":
             print(f"revoked {revoke_token(db, args.name)} token(s) named {args.name!r}")
         else:
+            now = time.time()
             for t in list_tokens(db):
-                state = "revoked" if t.revoked_at else "live"
-                print(f"{t.name:<24} {t.role:<9} {state}")
+                if t.expires_at is None:
+                    expiry = "never expires"
+                else:
+                    verb = "expired" if t.expired(now) else "expires"
+                    expiry = f"{verb} {format_time(t.expires_at)}"
+                print(f"{t.name:<24} {t.role:<9} {t.state(now):<8} {expiry}")
     finally:
         db.dispose()
     return 0
@@ -90,6 +117,13 @@ def register(sub: Any) -> None:
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("--name", default="operator")
     s.add_argument("--role", default="operator", choices=["viewer", "operator", "admin"])
+    s.add_argument(
+        "--expires-in",
+        type=_lifetime,
+        default="90d",  # argparse converts it like a given value: auth.DEFAULT_TOKEN_LIFETIME
+        metavar="LIFETIME",
+        help="create: lifetime of the token, e.g. 90d, 12h, 2w, or `never` (default 90d)",
+    )
     s.set_defaults(func=cmd_token)
 
     s = local_args(sub.add_parser("root", help="export root metadata (device trust anchor)"))

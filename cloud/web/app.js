@@ -20,10 +20,21 @@ function colorOf(key) {
 
 class AuthError extends Error {}
 
+// The server's reason for refusing a token (e.g. when it expired), shown as text only.
+async function refusal(r) {
+  let detail = "";
+  try {
+    const body = await r.json();
+    if (typeof body.detail === "string") detail = body.detail.slice(0, 200);
+  } catch (e) { /* no JSON: no reason to show */ }
+  return detail ? `The token was refused (${detail}); paste a valid viewer token.`
+    : "The token was refused; paste a valid viewer token.";
+}
+
 async function api(path) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   const r = await fetch(path, {headers: {Authorization: `Bearer ${token}`}, cache: "no-store"});
-  if (r.status === 401 || r.status === 403) throw new AuthError(`${r.status}`);
+  if (r.status === 401 || r.status === 403) throw new AuthError(await refusal(r));
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
   return r.json();
 }
@@ -245,7 +256,7 @@ async function refresh() {
     $("status").className = "status ok";
   } catch (e) {
     if (e instanceof AuthError) {
-      signOut("The token was refused; paste a valid viewer token.");
+      signOut(e.message);
       return;
     }
     $("status").textContent = `update failed: ${e.message}`;
@@ -285,7 +296,7 @@ document.addEventListener("DOMContentLoaded", () => {
                           {headers: {Authorization: `Bearer ${token}`}, cache: "no-store"});
     if (!r.ok) {
       signOut(r.status === 401 || r.status === 403
-        ? "The token was refused; paste a valid viewer token." : `Sign-in failed: HTTP ${r.status}`);
+        ? await refusal(r) : `Sign-in failed: HTTP ${r.status}`);
       return;
     }
     sessionStorage.setItem(TOKEN_KEY, token);

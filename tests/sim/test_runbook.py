@@ -429,8 +429,8 @@ def test_runbook_on_a_simulated_fleet(tmp_path: Path, cloud_template: Path) -> N
         # -- 4. leaked API token -----------------------------------------------------------
         assert _api(fleet, "GET", "/api/v1/devices", token=leaked_token).status_code == 200
         listing, revoked, created = book.run("api-token")
-        assert ["ci-deploy", "operator", "live"] in [
-            ln.split() for ln in listing.stdout.splitlines()
+        assert ["ci-deploy", "operator", "live", "expires"] in [
+            ln.split()[:4] for ln in listing.stdout.splitlines()
         ]
         assert revoked.stdout.strip() == "revoked 1 token(s) named 'ci-deploy'"
         replacement = created.stdout.strip()
