@@ -158,6 +158,10 @@ class Probe:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def refusal(self) -> str:
+        """What the client saw of a refused connection (for messages)."""
+        return f"error={self.connect_error!r} connack={self.connack} disconnects={self.disconnects}"
+
     def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0
     ) -> int:
@@ -222,3 +226,19 @@ def probe(port: int, **kw: Any) -> Iterator[Probe]:
         yield p
     finally:
         p.close()
+
+
+def certificate_refusal_named(broker: MosquittoProcess, refused: Probe, before: int) -> None:
+    """Assert that the cause of ``refused``'s failed connection is named: the broker logs
+    OpenSSL's verdict (its count of "certificate verify failed" rises above ``before``),
+    or the client got a TLS alert naming the certificate. On a loaded machine the log
+    line can land a while after the refusal, so wait for it (up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while broker.log_path.read_text().count("certificate verify failed") <= before:
+        if "certificate" in repr(refused.connect_error).lower():
+            return
+        assert time.monotonic() < deadline, (
+            f"refused without a named cause: {refused.refusal()}\n"
+            + broker.log_path.read_text()[-2000:]
+        )
+        time.sleep(0.1)
