@@ -226,19 +226,3 @@ def probe(port: int, **kw: Any) -> Iterator[Probe]:
         yield p
     finally:
         p.close()
-
-
-def certificate_refusal_named(broker: MosquittoProcess, refused: Probe, before: int) -> None:
-    """Assert that the cause of ``refused``'s failed connection is named: the broker logs
-    OpenSSL's verdict (its count of "certificate verify failed" rises above ``before``),
-    or the client got a TLS alert naming the certificate. On a loaded machine the log
-    line can land a while after the refusal, so wait for it (up to 10 s)."""
-    deadline = time.monotonic() + 10
-    while broker.log_path.read_text().count("certificate verify failed") <= before:
-        if "certificate" in repr(refused.connect_error).lower():
-            return
-        assert time.monotonic() < deadline, (
-            f"refused without a named cause: {refused.refusal()}\n"
-            + broker.log_path.read_text()[-2000:]
-        )
-        time.sleep(0.1)

@@ -59,6 +59,13 @@ def test_hundred_devices_in_four_waves(tmp_path: Path, cloud_template: Path) -> 
                 "1,10,50,100",
                 "--wave-timeout",
                 "240",
+                # 100 agents are threads of one process here, on 2 cores shared with
+                # another test worker: 50 of them loading a model at once doubled p99
+                # (measured 24 -> 59 ms in CI), which says how busy the box is, not how
+                # fast the model is. The latency gate has its own deterministic tests
+                # (tests/integration/test_rollout_controller.py); this one is about waves.
+                "--max-latency-ratio",
+                "10",
                 "--watch",
                 "--interval",
                 "0.5",
