@@ -11,7 +11,8 @@
   given on the command line (a threshold of them).
 * ``key rotate`` / ``key revoke``: replace or drop a TUF role key; devices
   follow through the new root, without re-provisioning.
-* ``broker config``: the secure ``mosquitto.conf`` and ACL for this CA.
+* ``broker config``: the secure ``mosquitto.conf`` and ACL for this CA;
+  ``broker acl``: only the ACL (a hand-tuned ``mosquitto.conf`` stays).
 * ``repo-mqtt``: serve the TUF repository over MQTT (devices without HTTP).
 """
 
@@ -23,9 +24,12 @@ import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud.cli.common import local_args, settings_from
+
+if TYPE_CHECKING:
+    from cloud.pki import CertificateAuthority
 
 __all__ = ["register"]
 
@@ -89,7 +93,7 @@ def cmd_ca_ingest(args: argparse.Namespace) -> int:
         ident = ca.issue_service_identity(name)
         print(f"ingest identity {name}: {ident.cert_file} (key {ident.key_file.name})")
     print(
-        "regenerate the broker ACL (`edgefleet-cloud broker config`) and reload the broker; "
+        "rewrite the broker ACL (`edgefleet-cloud broker acl --out FILE --broker-pid PID`); "
         "ingest hosts without this data dir need the files in EDGEFLEET_BROKER_TLS_INGEST_DIR"
     )
     return 0
@@ -117,20 +121,40 @@ def cmd_device_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_device_revoke(args: argparse.Namespace) -> int:
+def _write_acl(ca: CertificateAuthority, path: Path) -> None:
+    """The broker ACL for what ``ca`` issued and revoked, replaced in one rename: a
+    broker reloading meanwhile reads the old file or the new one, never half of one."""
+    from cloud._files import atomic_write
     from cloud.broker import BrokerSecurity, render_acl
 
+    atomic_write(path, render_acl(BrokerSecurity.from_ca(ca)).encode())
+
+
+def _reload_broker(pid: int | None) -> None:
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)
+        print(f"sent SIGHUP to mosquitto ({pid}): it re-reads the CRL and ACL")
+    else:
+        print("reload the broker (SIGHUP, e.g. `systemctl reload mosquitto`) to enforce it")
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
     ca = _ca(args)
     serials = ca.revoke(args.device_id)
     print(f"revoked {len(serials)} certificate(s) of {args.device_id}; CRL: {ca.crl_path}")
     if args.acl_out is not None:
-        args.acl_out.write_text(render_acl(BrokerSecurity.from_ca(ca)))
+        _write_acl(ca, args.acl_out)
         print(f"wrote ACL {args.acl_out} (the device is denied every topic)")
-    if args.broker_pid is not None:
-        os.kill(args.broker_pid, signal.SIGHUP)
-        print(f"sent SIGHUP to mosquitto ({args.broker_pid}): it re-reads the CRL and ACL")
-    else:
-        print("reload the broker (SIGHUP, e.g. `systemctl reload mosquitto`) to enforce it")
+    _reload_broker(args.broker_pid)
+    return 0
+
+
+def cmd_broker_acl(args: argparse.Namespace) -> int:
+    """Rewrite only the ACL (after ``ca ingest``, ``ca init --service``, a revocation
+    done elsewhere), leaving a hand-tuned ``mosquitto.conf`` alone."""
+    _write_acl(_ca(args), args.out)
+    print(f"wrote ACL {args.out}")
+    _reload_broker(args.broker_pid)
     return 0
 
 
@@ -300,3 +324,7 @@ def register(sub: Any) -> None:
     s.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a broker serves devices
     s.add_argument("--persist-dir", type=Path)
     s.set_defaults(func=cmd_broker_config)
+    s = local_args(bsub.add_parser("acl", help="rewrite only the ACL file"))
+    s.add_argument("--out", type=Path, required=True, help="the ACL file mosquitto reads")
+    s.add_argument("--broker-pid", type=int, help="send SIGHUP to this mosquitto")
+    s.set_defaults(func=cmd_broker_acl)

@@ -168,6 +168,29 @@ def test_new_service_identity_is_granted_after_sync(sec: SecureBroker) -> None:
     assert "user edgefleet-cloud-2" in sec.broker.config.acl_file.read_text()  # type: ignore[union-attr]
 
 
+def test_broker_acl_command_rewrites_only_the_acl_and_reloads(sec: SecureBroker) -> None:
+    """``broker acl``: after issuing an identity, grant it without regenerating (and
+    losing the hand-tuning of) ``mosquitto.conf``."""
+    from cloud.cli import main as cloud_main
+
+    acl = sec.broker.config.acl_file
+    assert acl is not None and sec.broker._proc is not None
+    conf_before = sec.broker.conf_path.read_bytes()
+    reloads = sec.broker.log_path.read_text().count("Reloading config")
+    third = sec.service_tls(sec.ca.issue_service_identity("edgefleet-cloud-3"))
+    with probe(sec.port, tls=third, client_id="x") as p:
+        assert p.publish(device_topic("dev-a", Channel.DESIRED), b"d") == NOT_AUTHORIZED
+        argv = ["broker", "acl", "--data-dir", str(sec.workdir), "--out", str(acl)]
+        assert cloud_main([*argv, "--broker-pid", str(sec.broker._proc.pid)]) == 0
+        deadline = time.monotonic() + 10
+        while sec.broker.log_path.read_text().count("Reloading config") == reloads:
+            assert time.monotonic() < deadline, "the broker was not told to reload"
+            time.sleep(0.05)
+        assert p.publish(device_topic("dev-a", Channel.DESIRED), b"d") < NOT_AUTHORIZED
+    assert "user edgefleet-cloud-3" in acl.read_text()
+    assert sec.broker.conf_path.read_bytes() == conf_before
+
+
 def test_client_id_is_forced_to_the_certificate_cn(sec: SecureBroker) -> None:
     # Reusing another device's client id would kick it off (session takeover).
     b_tls, a_tls = sec.device_tls("dev-b"), sec.device_tls("dev-a")
