@@ -10,6 +10,7 @@ longer than the next ``edgefleet-sim cleanup``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -17,11 +18,19 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from shared.errors import EdgefleetError
 
-__all__ = ["LEDGER_DIR", "Ledger", "SimError", "cleanup_stale", "run", "unmount_under"]
+__all__ = [
+    "LEDGER_DIR",
+    "Ledger",
+    "SimError",
+    "StartStop",
+    "cleanup_stale",
+    "run",
+    "unmount_under",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,28 @@ def unmount_under(root: Path) -> None:
                 points.append(point)
     for point in sorted(points, key=len, reverse=True):
         run("umount", "-l", point, check=False)
+
+
+class StartStop(abc.ABC):
+    """``with thing:`` starts it and always closes it, also when starting fails half-way
+    (``close`` must undo a partial ``start``)."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Ledger:

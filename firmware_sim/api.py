@@ -133,6 +133,30 @@ def published_releases(cloud_dir: Path, model: str) -> list[int]:
     return sorted(found)
 
 
+def create_token(cloud_dir: Path, name: str, role: str = "operator") -> str:
+    """A new API token of ``role`` for the cloud in ``cloud_dir`` (the CLI's secret)."""
+    out = subprocess.run(  # noqa: S603 - our own CLI
+        python_cmd(
+            "cloud.cli",
+            "token",
+            "create",
+            "--data-dir",
+            str(cloud_dir),
+            "--name",
+            name,
+            "--role",
+            role,
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if out.returncode != 0:
+        raise SimError(f"cannot create an {role} token: {out.stderr[-2000:]}")
+    return out.stdout.strip()
+
+
 def start_cloud(
     procs: ProcessGroup,
     cloud_dir: Path,
@@ -150,25 +174,7 @@ def start_cloud(
         import shutil
 
         shutil.copytree(template, cloud_dir, dirs_exist_ok=True)
-    token = subprocess.run(  # noqa: S603 - our own CLI
-        python_cmd(
-            "cloud.cli",
-            "token",
-            "create",
-            "--data-dir",
-            str(cloud_dir),
-            "--name",
-            f"sim-{time.time_ns()}",
-            "--role",
-            "operator",
-        ),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    if token.returncode != 0:
-        raise SimError(f"cannot create an operator token: {token.stderr[-2000:]}")
+    token = create_token(cloud_dir, f"sim-{time.time_ns()}")
     proc = procs.start(
         "cloud",
         python_cmd(
@@ -192,4 +198,4 @@ def start_cloud(
         wait_http(f"{api}/healthz", proc=proc, timeout=120)
     except (RuntimeError, TimeoutError) as e:
         raise SimError(f"the cloud did not start ({e}):\n{procs.log_tail('cloud')}") from e
-    return CloudAPI(api, token.stdout.strip(), cloud_dir)
+    return CloudAPI(api, token, cloud_dir)

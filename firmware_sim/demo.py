@@ -29,7 +29,8 @@ import httpx
 
 from cloud.broker import MosquittoProcess, free_port
 from device.config import provision
-from firmware_sim.procs import ProcessGroup, python_cmd, wait_http
+from firmware_sim.api import start_cloud
+from firmware_sim.procs import ProcessGroup, python_cmd
 
 __all__ = ["DemoFleet", "run_demo"]
 
@@ -148,45 +149,11 @@ class _Demo:
             raise
 
     def _start(self) -> DemoFleet:
-        import subprocess
-
         cloud_dir = self.workdir / "cloud"
-        token = subprocess.run(  # noqa: S603 - our own CLI
-            python_cmd(
-                "cloud.cli",
-                "token",
-                "create",
-                "--data-dir",
-                str(cloud_dir),
-                "--name",
-                "demo-operator",
-                "--role",
-                "operator",
-            ),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        ).stdout.strip()
-        port = free_port()
-        api = f"http://127.0.0.1:{port}"
-        cloud = self.procs.start(
-            "cloud",
-            python_cmd(
-                "cloud.cli",
-                "--log-level",
-                "INFO",
-                "serve",
-                "--data-dir",
-                str(cloud_dir),
-                "--broker-port",
-                str(self.broker.port),
-                "--http-port",
-                str(port),
-            ),
-            env=self.cloud_env,
+        cloud = start_cloud(
+            self.procs, cloud_dir, self.broker.port, free_port(), env=self.cloud_env
         )
-        wait_http(f"{api}/healthz", proc=cloud)
+        api, token = cloud.api, cloud.token
         root = cloud_dir / "repository" / "metadata" / "root.json"
         ids = [f"dev-{i:03d}" for i in range(1, self.n_devices + 1)]
         for i, device_id in enumerate(ids):

@@ -24,7 +24,7 @@ from typing import Any
 
 from cloud.broker import MosquittoProcess, free_port
 from device.config import provision
-from firmware_sim._system import Ledger, SimError
+from firmware_sim._system import Ledger, SimError, StartStop
 from firmware_sim.api import CloudAPI, start_cloud
 from firmware_sim.control import ControlledSensor, control_dir
 from firmware_sim.disk import SmallDisk
@@ -59,7 +59,7 @@ class FleetOptions:
     agent_settings: dict[str, Any] = field(default_factory=dict)
 
 
-class SimFleet:
+class SimFleet(StartStop):
     """A context manager: ``with SimFleet(workdir, FleetOptions(...)) as fleet: ...``."""
 
     def __init__(self, workdir: Path, options: FleetOptions) -> None:
@@ -95,17 +95,6 @@ class SimFleet:
         return read_state(self.data_dir(device_id))
 
     # -- lifecycle -------------------------------------------------------------------
-    def __enter__(self) -> SimFleet:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def start(self) -> None:
         opts = self.options
         self.workdir.mkdir(parents=True, exist_ok=True)

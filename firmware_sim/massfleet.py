@@ -35,7 +35,7 @@ from cloud.broker import MosquittoProcess, free_port
 from device.config import provision
 from firmware_sim._bytemeter import ByteMeter, raise_fd_limit
 from firmware_sim._fleetmonitor import DeviceTrack, FleetMonitor
-from firmware_sim._system import Ledger, SimError
+from firmware_sim._system import Ledger, SimError, StartStop
 from firmware_sim.api import CloudAPI, start_cloud
 from firmware_sim.procs import ProcessGroup, python_cmd
 
@@ -120,7 +120,7 @@ class MassOptions:
     log_level: str = "WARNING"
 
 
-class MassFleet:
+class MassFleet(StartStop):
     """``with MassFleet(workdir, MassOptions(...)) as fleet: ...``; stops everything on exit."""
 
     def __init__(self, workdir: Path, options: MassOptions) -> None:
@@ -140,17 +140,6 @@ class MassFleet:
         self.meter: ByteMeter | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
-    def __enter__(self) -> MassFleet:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def http_port(self) -> int:
         assert self.cloud is not None

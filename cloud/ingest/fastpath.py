@@ -200,12 +200,10 @@ def decode_telemetry(
             f"message on the topic of device {device_id!r} claims to be from {slow.device_id!r}"
         )
     fast = FastTelemetry.from_message(slow)
-    if fast.input_hist_packed is not None:
-        packed = _packed(fast.input_hist_packed)
-        if packed is None:  # cannot be: the model checked it with the same function
-            raise MessageError("input histogram is not valid packed counts")
+    pk = slow.input_hist_packed
+    if pk is not None:  # the model decoded and checked the counts already
         fast.input_hist_packed = None
-        return fast, packed
+        return fast, (pk.shape, _PACKED_KINDS[pk.dtype], pk.raw)
     if not fast.input_hist:
         return fast, None
     packed = pack_histogram(fast.input_hist)
